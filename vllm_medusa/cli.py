@@ -1,0 +1,37 @@
+"""The ``vllm-medusa`` command.
+
+Each subcommand lives in its own module exposing ``configure_parser(parser)`` and
+``run(args) -> int``; modules are imported lazily so ``--help`` stays fast and a subcommand
+never pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-model": ("vllm_medusa.models", "prepare a base model (e.g. smollm2) as a HF folder"),
+    "generate": ("vllm_medusa.generate", "generate answers to MT-Bench prompts with vLLM"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-medusa", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

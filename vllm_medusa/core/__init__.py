@@ -1,0 +1,1 @@
+"""Pure-PyTorch Medusa core: heads, checkpoint formats, token trees, acceptance. No vLLM."""
