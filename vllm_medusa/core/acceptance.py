@@ -1,0 +1,165 @@
+"""Longest-path acceptance over a verified token tree, for a batch of requests.
+
+Inputs, for B requests and a tree of N nodes plus root (node order of :class:`TreeBuffers`):
+  - ``node_tokens`` ``[B, N+1]``: the token at every node (column 0: the root, i.e. the token
+    the base model produced at the previous step);
+  - ``logits`` ``[B, N+1, V]``: the base model's logits at every node (the distribution of the
+    token that follows that node).
+
+A node is accepted when its token is acceptable under its parent's distribution and all its
+ancestors are accepted. The deepest accepted node wins; the "bonus" token then comes from the
+distribution at that node, so every step yields ``num_accepted + 1`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_medusa.core.tree import TreeBuffers
+
+TYPICAL_EPSILON = 0.09  # posterior threshold (reference default)
+TYPICAL_DELTA = 0.3  # posterior alpha (reference default)
+
+
+@dataclass
+class AcceptanceResult:
+    """Per request: the accepted nodes (root excluded, root-to-leaf order) and the bonus token.
+
+    - ``num_accepted`` ``[B]``: accepted draft nodes (0 .. depth);
+    - ``accepted_nodes`` ``[B, D]``: their node indices, padded with -1;
+    - ``accepted_tokens`` ``[B, D]``: their tokens, padded with -1;
+    - ``last_node`` ``[B]``: the deepest accepted node (0 = root when nothing was accepted);
+    - ``bonus_token`` ``[B]``: the token drawn from the distribution at ``last_node``.
+    """
+
+    num_accepted: torch.Tensor
+    accepted_nodes: torch.Tensor
+    accepted_tokens: torch.Tensor
+    last_node: torch.Tensor
+    bonus_token: torch.Tensor
+
+    def output_tokens(self) -> list[list[int]]:
+        """Tokens each request emits this step: accepted path then the bonus token."""
+        out = []
+        for i in range(self.num_accepted.shape[0]):
+            n = int(self.num_accepted[i])
+            out.append(self.accepted_tokens[i, :n].tolist() + [int(self.bonus_token[i])])
+        return out
+
+
+def _select_longest_path(
+    node_ok: torch.Tensor,
+    node_tokens: torch.Tensor,
+    tree: TreeBuffers,
+    path_score: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Longest accepted prefix over all root-to-leaf paths.
+
+    ``node_ok`` ``[B, N+1]``: node acceptable under its parent (the root column is ignored).
+    ``path_score`` ``[B, N+1]`` (optional): per-node score; among equally long paths the
+    one with the highest summed score over its accepted nodes wins. Otherwise the first wins.
+    """
+    b = node_ok.shape[0]
+    paths = tree.leaf_paths  # [P, D+1]
+    valid = paths >= 0
+    safe = paths.clamp(min=0)
+    ok = node_ok[:, safe] & valid  # [B, P, D+1]
+    ok[:, :, 0] = True  # the root is always "accepted"
+    prefix_ok = ok[:, :, 1:].long().cumprod(dim=-1)  # [B, P, D]
+    lengths = prefix_ok.sum(dim=-1)  # [B, P]
+    if path_score is None:
+        best = lengths.argmax(dim=-1)  # first maximum
+    else:
+        node_scores = path_score[:, safe[:, 1:]]  # [B, P, D]
+        scores = torch.where(prefix_ok.bool(), node_scores, 0.0).sum(dim=-1)  # [B, P]
+        longest = lengths == lengths.max(dim=-1, keepdim=True).values
+        scores = scores.masked_fill(~longest, float("-inf"))
+        best = scores.argmax(dim=-1)
+    num_accepted = lengths.gather(1, best[:, None]).squeeze(1)
+    best_path = paths[best, 1:]  # [B, D]
+    depth_idx = torch.arange(best_path.shape[1], device=best_path.device)
+    keep = depth_idx[None, :] < num_accepted[:, None]
+    accepted_nodes = torch.where(keep, best_path, torch.full_like(best_path, -1))
+    rows = torch.arange(b, device=node_tokens.device)[:, None]
+    accepted_tokens = torch.where(
+        keep, node_tokens[rows, best_path.clamp(min=0)], torch.full_like(best_path, -1)
+    )
+    last_node = torch.where(
+        num_accepted > 0,
+        best_path.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1),
+        torch.zeros_like(num_accepted),
+    )
+    return num_accepted, accepted_nodes, accepted_tokens, last_node
+
+
+def greedy_accept(
+    node_tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers
+) -> AcceptanceResult:
+    """Greedy verification: a node is accepted when its token is the argmax at its parent.
+
+    Lossless: the emitted tokens are exactly what greedy decoding would produce.
+    """
+    _check_shapes(node_tokens, logits, tree)
+    argmax = logits.argmax(dim=-1)  # [B, N+1]
+    parents = tree.parents.clamp(min=0)
+    node_ok = node_tokens == argmax[:, parents]
+    num_acc, nodes, tokens, last = _select_longest_path(node_ok, node_tokens, tree)
+    bonus = argmax.gather(1, last[:, None]).squeeze(1)
+    return AcceptanceResult(num_acc, nodes, tokens, last, bonus)
+
+
+def typical_accept(
+    node_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    tree: TreeBuffers,
+    temperature: torch.Tensor | float,
+    epsilon: float = TYPICAL_EPSILON,
+    delta: float = TYPICAL_DELTA,
+    generator: torch.Generator | None = None,
+) -> AcceptanceResult:
+    """Typical acceptance (Medusa paper, section 2.3.1).
+
+    With ``p`` the base distribution at the parent (after temperature), node token ``x`` is
+    accepted when ``p(x) > min(epsilon, delta * exp(-H(p)))``. Among the longest accepted
+    paths the one with the highest summed log-probability wins. The bonus token is sampled
+    from ``p`` at the last accepted node. Requests with temperature 0 are verified greedily.
+    """
+    _check_shapes(node_tokens, logits, tree)
+    b = logits.shape[0]
+    temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    temp = temp.expand(b) if temp.dim() == 0 else temp
+    is_greedy = temp <= 0
+    safe_temp = torch.where(is_greedy, torch.ones_like(temp), temp)
+
+    log_probs = torch.log_softmax(logits.float() / safe_temp[:, None, None], dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).nan_to_num().sum(dim=-1)  # [B, N+1]
+    threshold = torch.minimum(
+        torch.full_like(entropy, epsilon), delta * torch.exp(-entropy)
+    )  # at each node, for its children
+    parents = tree.parents.clamp(min=0)
+    child_logp = log_probs[:, parents].gather(2, node_tokens[:, :, None]).squeeze(2)  # [B, N+1]
+    node_ok = child_logp.exp() > threshold[:, parents]
+
+    argmax = logits.argmax(dim=-1)
+    greedy_ok = node_tokens == argmax[:, parents]
+    node_ok = torch.where(is_greedy[:, None], greedy_ok, node_ok)
+    score = torch.where(is_greedy[:, None], torch.zeros_like(child_logp), child_logp)
+    num_acc, nodes, tokens, last = _select_longest_path(node_ok, node_tokens, tree, score)
+
+    last_probs = probs[torch.arange(b, device=logits.device), last]  # [B, V]
+    sampled = torch.multinomial(last_probs, 1, generator=generator).squeeze(1)
+    bonus = torch.where(is_greedy, argmax.gather(1, last[:, None]).squeeze(1), sampled)
+    return AcceptanceResult(num_acc, nodes, tokens, last, bonus)
+
+
+def _check_shapes(node_tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers) -> None:
+    n = tree.parents.shape[0]
+    if node_tokens.dim() != 2 or node_tokens.shape[1] != n:
+        raise ValueError(f"node_tokens must be [B, {n}], got {tuple(node_tokens.shape)}")
+    if logits.dim() != 3 or logits.shape[:2] != node_tokens.shape:
+        raise ValueError(
+            f"logits must be [B, {n}, V] matching node_tokens, got {tuple(logits.shape)}"
+        )
