@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("vllm_medusa.models", "prepare a base model (e.g. smollm2) as a HF folder"),
     "generate": ("vllm_medusa.generate", "generate answers to MT-Bench prompts with vLLM"),
+    "distill": ("vllm_medusa.training.distill", "self-distillation data: the base model's answers"),
 }
 
 
