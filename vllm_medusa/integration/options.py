@@ -1,0 +1,53 @@
+"""The ``additional_config["medusa"]`` options, parsed and validated at engine start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG_KEY = "medusa"
+ACCEPTANCE_METHODS = ("greedy",)
+
+
+class MedusaConfigError(ValueError):
+    """A Medusa configuration that cannot be served, found at engine start."""
+
+
+@dataclass(frozen=True)
+class MedusaTreeOptions:
+    """User options for tree Medusa in vLLM.
+
+    - ``tree``: a preset name (``mc_sim_7b_63``, ``chain-4``, ...), a JSON file, or an explicit
+      list of rank paths. Default: the heads folder's ``tree.json``, else a top-1 chain over
+      all heads.
+    - ``acceptance``: ``greedy`` (lossless). Requests that do not decode greedily, or that
+      use penalties, logit biases, bad words, min_tokens or structured output, are served
+      with plain decoding (no drafts for them).
+    """
+
+    tree: Any = None
+    acceptance: str = "greedy"
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> MedusaTreeOptions:
+        raw = {}
+        if isinstance(additional_config, dict):
+            raw = additional_config.get(CONFIG_KEY) or {}
+        if not isinstance(raw, dict):
+            raise MedusaConfigError(
+                f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(raw).__name__}"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise MedusaConfigError(
+                f"unknown option(s) {unknown} in additional_config[{CONFIG_KEY!r}]; "
+                f"known options: {sorted(known)}"
+            )
+        options = cls(**raw)
+        if options.acceptance not in ACCEPTANCE_METHODS:
+            raise MedusaConfigError(
+                f"unknown acceptance method {options.acceptance!r}; "
+                f"supported: {list(ACCEPTANCE_METHODS)}"
+            )
+        return options

@@ -1,0 +1,134 @@
+"""Tree Medusa proposer: replaces vLLM's top-1 chain ``MedusaProposer``.
+
+It loads heads in any supported checkpoint format with this project's loader (biases kept),
+takes the top-k of every head at the last accepted token's hidden state, and fills the
+configured token tree; the flattened tree (breadth-first) becomes a request's draft tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+from vllm.v1.spec_decode.medusa import MedusaProposer
+
+from vllm_medusa.core.checkpoint import load_heads, read_tree_file
+from vllm_medusa.core.heads import MedusaHeads
+from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
+from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
+
+logger = init_logger(__name__)
+
+_GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it decode greedily
+
+
+def resolve_tree(options: MedusaTreeOptions, heads_dir: Path, num_heads: int) -> MedusaTree:
+    spec = options.tree
+    try:
+        if spec is None:
+            paths = read_tree_file(heads_dir)
+            if paths is not None:
+                return MedusaTree.from_paths(
+                    paths, num_heads=num_heads, source=str(heads_dir / "tree.json")
+                )
+            return MedusaTree.from_paths(chain_paths(num_heads), num_heads=num_heads)
+        return MedusaTree.resolve(spec, num_heads=num_heads)
+    except TreeError as e:
+        raise MedusaConfigError(f"invalid Medusa tree: {e}") from e
+
+
+def request_can_speculate(sampling_params) -> bool:
+    """Whether greedy tree verification reproduces exactly what this request would decode.
+
+    Requests outside this set are decoded plainly (no drafts), which is always correct.
+    """
+    sp = sampling_params
+    if sp is None or sp.temperature >= _GREEDY_EPS:
+        return False
+    if sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1:
+        return False
+    if sp.logit_bias or sp.allowed_token_ids or getattr(sp, "bad_words", None):
+        return False
+    if sp.min_tokens or getattr(sp, "logits_processors", None):
+        return False
+    return getattr(sp, "structured_outputs", None) is None
+
+
+class TreeMedusaProposer(MedusaProposer):
+    """Drafts a token tree per request from Medusa heads."""
+
+    def __init__(self, vllm_config, device: torch.device):
+        super().__init__(vllm_config, device)
+        self.options = MedusaTreeOptions.from_additional_config(vllm_config.additional_config)
+        self.heads_dir = Path(self.spec_config.model)
+        model_config = vllm_config.model_config
+        # Loading the heads here (a few MB) makes every mismatch fail at engine start.
+        self.heads: MedusaHeads = load_heads(
+            self.heads_dir,
+            dtype=model_config.dtype,
+            expected_hidden_size=model_config.get_hidden_size(),
+            expected_vocab_size=model_config.get_vocab_size(),
+        )
+        self.tree = resolve_tree(self.options, self.heads_dir, self.heads.num_heads)
+        if self.num_speculative_tokens != self.tree.num_nodes:
+            raise MedusaConfigError(
+                f"the Medusa tree has {self.tree.num_nodes} nodes but "
+                f"speculative_config.num_speculative_tokens is {self.num_speculative_tokens}: "
+                f"set num_speculative_tokens={self.tree.num_nodes} (one draft token per node)"
+            )
+        self.buffers = self.tree.buffers(device)
+        # Host-side copies for building per-step tree layouts.
+        self.node_depths_np = np.asarray(self.tree.depths, dtype=np.int64)
+        self.ancestor_mask_np = self.buffers.ancestor_mask.cpu().numpy()
+        # Node j is exact under the kernel's index-causal mask when its ancestors are exactly
+        # the nodes before it (root, first child, chains); only the others need a tree mask.
+        n = self.tree.num_nodes + 1
+        self._causal_exact = np.array([self.ancestor_mask_np[j, : j + 1].all() for j in range(n)])
+        self.base_lm_head_weight: torch.Tensor | None = None
+        logger.info(
+            "Medusa tree: %d nodes (per depth %s), top-%d, from %s",
+            self.tree.num_nodes,
+            self.tree.nodes_per_depth(),
+            self.tree.top_k,
+            self.options.tree or "heads folder / default chain",
+        )
+
+    def rows_to_fix(self, num_nodes: int) -> np.ndarray:
+        """Tree nodes (1-based within the request) the causal kernel gets wrong."""
+        return np.nonzero(~self._causal_exact[1 : num_nodes + 1])[0] + 1
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        vocab_size = self.vllm_config.model_config.get_vocab_size()
+        if self.heads.config.shared_lm_head:
+            if self.vllm_config.parallel_config.tensor_parallel_size > 1:
+                raise MedusaConfigError(
+                    "heads that share the base LM head are not supported with tensor "
+                    "parallelism yet (the LM head is sharded); export heads with their own "
+                    "LM heads"
+                )
+            lm_head = getattr(target_model, "lm_head", None)
+            if lm_head is None or not hasattr(lm_head, "weight"):
+                raise MedusaConfigError(
+                    f"{type(target_model).__name__} exposes no lm_head weight for heads that "
+                    "share the base LM head"
+                )
+            self.base_lm_head_weight = lm_head.weight[:vocab_size]
+        self.heads = self.heads.to(self.device).eval()
+
+    @torch.inference_mode()
+    def propose_tree(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Tree node tokens ``[B, N]`` from the hidden states ``[B, H]`` of the roots."""
+        top = self.heads.topk(hidden_states, self.tree.top_k, self.base_lm_head_weight)
+        return self.buffers.fill(top)
+
+    def propose(self, *args, **kwargs):  # pragma: no cover - guarded by the runner patch
+        raise RuntimeError("TreeMedusaProposer is driven by the vllm-medusa runner patch")
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int) -> None:
+        hidden = torch.zeros(
+            (min(num_tokens, 8), self.hidden_size), dtype=self.dtype, device=self.device
+        )
+        self.propose_tree(hidden)

@@ -1,0 +1,299 @@
+"""Small, named patches of vLLM 0.32's V1 ``GPUModelRunner`` (also the CPU runner's base).
+
+Each wrapper defers to vLLM's own method unless the runner's drafter is a
+:class:`TreeMedusaProposer`, i.e. unless the engine serves tree Medusa.
+
+- ``MedusaProposer`` (name in ``gpu_model_runner``): -> :class:`TreeMedusaProposer`.
+- ``GPUModelRunner._prepare_inputs``: tree positions (context + node depth) and the tree
+  attention plan for the step.
+- ``GPUModelRunner._sample``: longest-path greedy acceptance over each request's tree instead
+  of the chain rejection sampler, then KV compaction of the accepted nodes.
+- ``GPUModelRunner.propose_draft_token_ids``: heads read the hidden state of the last accepted
+  node (not the chain's last row) and fill the tree.
+
+The scheduler needs no patch: it already takes per-request draft lists of any length, rolls
+``num_computed_tokens`` back by the number of rejected drafts (correct once the accepted
+nodes' KV sits in consecutive slots) and stops requests token by token.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker import gpu_model_runner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_medusa.core.acceptance import _select_longest_path
+from vllm_medusa.integration import tree_attention
+from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
+
+PLACEHOLDER_TOKEN_ID = -1
+
+
+def _tree_drafter(runner) -> TreeMedusaProposer | None:
+    drafter = getattr(runner, "drafter", None)
+    return drafter if isinstance(drafter, TreeMedusaProposer) else None
+
+
+# ---- _prepare_inputs: positions and attention plan -------------------------------------------
+
+
+def _tree_rows(runner, spec_md, num_scheduled_tokens: np.ndarray):
+    """Per request: global row of the tree root, position of the root, number of nodes."""
+    num_reqs = runner.input_batch.num_reqs
+    num_draft = np.asarray(spec_md.num_draft_tokens, dtype=np.int64)
+    query_end = runner.query_start_loc.np[1 : num_reqs + 1].astype(np.int64)
+    root_rows = query_end - 1 - num_draft
+    num_computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+    root_pos = num_computed + num_scheduled_tokens.astype(np.int64) - 1 - num_draft
+    return root_rows, root_pos, num_draft
+
+
+def build_tree_plan(runner, drafter: TreeMedusaProposer, spec_md, num_scheduled_tokens):
+    """Set tree positions; return the attention plan (None when the kernel is exact)."""
+    root_rows, root_pos, num_draft = _tree_rows(runner, spec_md, num_scheduled_tokens)
+    tree_reqs = np.nonzero(num_draft > 0)[0]
+    if len(tree_reqs) == 0:
+        return None
+    depths = drafter.node_depths_np
+    positions = runner.positions
+    for i in tree_reqs:
+        n = int(num_draft[i])
+        start = int(root_rows[i]) + 1
+        positions[start : start + n] = torch.from_numpy(root_pos[i] + depths[1 : n + 1])
+
+    fix = [(i, drafter.rows_to_fix(int(num_draft[i]))) for i in tree_reqs]
+    fix = [(i, rows) for i, rows in fix if len(rows)]
+    if not fix:
+        return None
+    block_table = runner.input_batch.block_table[0]
+    block_size = block_table.block_size
+    bt = block_table.block_table.np
+    ancestor = drafter.ancestor_mask_np
+    max_rows = max(len(rows) for _, rows in fix)
+    max_keys = max(int(root_pos[i] + num_draft[i]) + 1 for i, _ in fix)
+    r = len(fix)
+    q_rows = np.zeros((r, max_rows), dtype=np.int64)
+    q_valid = np.zeros((r, max_rows), dtype=bool)
+    kv_slots = np.zeros((r, max_keys), dtype=np.int64)
+    mask = np.zeros((r, max_rows, max_keys), dtype=bool)
+    mask[:, :, 0] = True  # padding rows attend to something; their output is discarded
+    for k, (i, rows) in enumerate(fix):
+        ctx, n = int(root_pos[i]), int(num_draft[i])
+        pos = np.arange(ctx + n + 1)
+        kv_slots[k, : ctx + n + 1] = bt[i, pos // block_size].astype(np.int64) * block_size + (
+            pos % block_size
+        )
+        m = len(rows)
+        q_rows[k, :m] = root_rows[i] + rows
+        q_valid[k, :m] = True
+        mask[k, :m, :ctx] = True
+        mask[k, :m, ctx : ctx + n + 1] = ancestor[rows][:, : n + 1]
+    device = runner.device
+    return tree_attention.TreeAttentionPlan(
+        q_rows=torch.from_numpy(q_rows).to(device),
+        q_valid=torch.from_numpy(q_valid).to(device),
+        kv_slots=torch.from_numpy(kv_slots).to(device),
+        mask=torch.from_numpy(mask).unsqueeze(1).to(device),
+    )
+
+
+def _wrap_prepare_inputs(original):
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        tree_attention.set_plan(None)
+        result = original(self, scheduler_output, num_scheduled_tokens)
+        drafter = _tree_drafter(self)
+        spec_md = result[1]
+        if drafter is not None and spec_md is not None:
+            plan = build_tree_plan(self, drafter, spec_md, num_scheduled_tokens)
+            tree_attention.set_plan(plan)
+        return result
+
+    _prepare_inputs.__vllm_medusa_patch__ = True
+    return _prepare_inputs
+
+
+# ---- _sample: tree acceptance and KV compaction ---------------------------------------------
+
+
+def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer):
+    """Greedy longest-path acceptance for every request of the batch.
+
+    Returns (num_accepted [B], accepted_nodes [B, D], accepted_tokens [B, D], last_node [B],
+    first_row [B]) where ``first_row`` is each request's first logits row (its tree root).
+    """
+    device = logits.device
+    num_draft = torch.tensor(spec_md.num_draft_tokens, dtype=torch.long, device=device)
+    b = num_draft.shape[0]
+    n_nodes = drafter.tree.num_nodes
+    first_row = torch.cumsum(num_draft + 1, 0) - (num_draft + 1)
+    node_idx = torch.arange(n_nodes + 1, device=device)
+    present = node_idx[None, :] <= num_draft[:, None]  # [B, N+1]
+    rows = torch.where(present, first_row[:, None] + node_idx[None, :], first_row[:, None])
+    argmax = logits.argmax(dim=-1)[rows]  # [B, N+1]
+    # Draft tokens in flattened order; scatter them into [B, N+1] node slots.
+    node_tokens = torch.full(
+        (b, n_nodes + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device
+    )
+    is_draft = present.clone()
+    is_draft[:, 0] = False
+    node_tokens[is_draft] = spec_md.draft_token_ids.to(torch.long)
+    parents = drafter.buffers.parents.clamp(min=0)
+    node_ok = (node_tokens == argmax[:, parents]) & is_draft
+    num_acc, nodes, tokens, last = _select_longest_path(node_ok, node_tokens, drafter.buffers)
+    return num_acc, nodes, tokens, last, first_row
+
+
+def compact_accepted_kv(runner, spec_md, nodes, num_acc, first_row) -> None:
+    """Move the K/V of accepted nodes from their tree slots to consecutive positions.
+
+    Node ``m`` at depth ``d`` was written at position ``root + m``; plain decoding would have
+    it at ``root + d``. Along a path ``m >= d`` and ``m`` strictly increases, and all sources
+    are read before any destination is written, so one gather/scatter per layer is safe.
+    """
+    depth_idx = torch.arange(1, nodes.shape[1] + 1, device=nodes.device)
+    move = (nodes >= 0) & (nodes != depth_idx[None, :])
+    if not bool(move.any()):
+        return
+    req = torch.nonzero(move)[:, 0]
+    root_logit_rows = first_row[req]
+    src_logit_rows = root_logit_rows + nodes[move]
+    dst_logit_rows = root_logit_rows + depth_idx.expand_as(nodes)[move]
+    logits_indices = spec_md.logits_indices.to(torch.long)
+    slot_mapping = runner.input_batch.block_table[0].slot_mapping.gpu
+    src_slots = slot_mapping[logits_indices[src_logit_rows]]
+    dst_slots = slot_mapping[logits_indices[dst_logit_rows]]
+    for layer, kv_cache in _attention_layers(runner):
+        key, value = tree_attention.read_kv(kv_cache, src_slots)
+        tree_attention.write_kv(layer, kv_cache, key, value, dst_slots)
+
+
+def _attention_layers(runner):
+    cached = getattr(runner, "_vllm_medusa_attention_layers", None)
+    if cached is None:
+        groups = runner.kv_cache_config.kv_cache_groups
+        ctx = runner.compilation_config.static_forward_context
+        cached, seen = [], set()
+        for name in groups[0].layer_names:
+            layer = ctx[name]
+            kv = layer.kv_cache
+            kv = kv[0] if isinstance(kv, (list, tuple)) else kv
+            if kv.data_ptr() in seen:  # layers that share a KV cache are moved once
+                continue
+            seen.add(kv.data_ptr())
+            cached.append((layer, kv))
+        runner._vllm_medusa_attention_layers = cached
+    return cached
+
+
+def _wrap_sample(original):
+    @functools.wraps(original)
+    def _sample(self, logits, spec_decode_metadata):
+        drafter = _tree_drafter(self)
+        tree_attention.set_plan(None)
+        if drafter is None or spec_decode_metadata is None:
+            return original(self, logits, spec_decode_metadata)
+        spec_md = spec_decode_metadata
+        sampling_metadata = self.input_batch.sampling_metadata
+        self.input_batch.update_async_output_token_ids()
+
+        num_acc, nodes, tokens, last, first_row = tree_accept_greedy(logits, spec_md, drafter)
+        bonus_rows = first_row + last
+        # The bonus token goes through vLLM's sampler: requests without drafts (sampling,
+        # penalties, ...) are sampled exactly as plain decoding would sample them.
+        bonus_out = self.sampler(logits=logits[bonus_rows], sampling_metadata=sampling_metadata)
+        bonus = bonus_out.sampled_token_ids[:, 0].to(torch.long)
+        b, depth = tokens.shape
+        sampled = torch.full(
+            (b, depth + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=logits.device
+        )
+        sampled[:, :depth] = tokens
+        sampled[torch.arange(b, device=logits.device), num_acc] = bonus
+
+        logprobs_tensors = None
+        if bonus_out.logprobs_tensors is not None:
+            # Each emitted token's logprob comes from the node before it on the path.
+            path = torch.cat([torch.zeros_like(last)[:, None], nodes.clamp(min=0)], dim=1)
+            emit_rows = (first_row[:, None] + path).reshape(-1)
+            logprobs = self.sampler.compute_logprobs(logits[emit_rows])
+            logprobs_tensors = self.sampler.gather_logprobs(
+                logprobs, sampling_metadata.max_num_logprobs, sampled.clamp(min=0).reshape(-1)
+            )
+
+        compact_accepted_kv(self, spec_md, nodes, num_acc, first_row)
+        self._vllm_medusa_last_rows = bonus_rows
+        return SamplerOutput(
+            sampled_token_ids=sampled.to(torch.int32), logprobs_tensors=logprobs_tensors
+        )
+
+    _sample.__vllm_medusa_patch__ = True
+    return _sample
+
+
+# ---- propose_draft_token_ids: heads at the last accepted node -------------------------------
+
+
+def _wrap_propose(original):
+    @functools.wraps(original)
+    def propose_draft_token_ids(
+        self,
+        scheduler_output,
+        sampled_token_ids,
+        sampling_metadata,
+        hidden_states,
+        sample_hidden_states,
+        aux_hidden_states,
+        spec_decode_metadata,
+        common_attn_metadata,
+        slot_mappings,
+    ):
+        drafter = _tree_drafter(self)
+        if drafter is None:
+            return original(
+                self,
+                scheduler_output,
+                sampled_token_ids,
+                sampling_metadata,
+                hidden_states,
+                sample_hidden_states,
+                aux_hidden_states,
+                spec_decode_metadata,
+                common_attn_metadata,
+                slot_mappings,
+            )
+        self._draft_probs = None
+        self._draft_prob_req_ids = None
+        b = len(sampled_token_ids)
+        drafts: list[list[int]] = [[] for _ in range(b)]
+        eligible = [
+            i
+            for i, req_id in enumerate(self.input_batch.req_ids[:b])
+            if sampled_token_ids[i] and request_can_speculate(self.requests[req_id].sampling_params)
+        ]
+        if not eligible:
+            return drafts
+        if spec_decode_metadata is None:
+            rows = torch.tensor(eligible, device=sample_hidden_states.device)
+        else:
+            rows = self._vllm_medusa_last_rows[eligible]
+        tree_tokens = drafter.propose_tree(sample_hidden_states[rows]).tolist()
+        for i, tokens in zip(eligible, tree_tokens, strict=True):
+            drafts[i] = tokens
+        return drafts
+
+    propose_draft_token_ids.__vllm_medusa_patch__ = True
+    return propose_draft_token_ids
+
+
+def patch_model_runner() -> None:
+    """Install the runner patches once per process."""
+    if getattr(GPUModelRunner._sample, "__vllm_medusa_patch__", False):
+        return
+    gpu_model_runner.MedusaProposer = TreeMedusaProposer
+    GPUModelRunner._prepare_inputs = _wrap_prepare_inputs(GPUModelRunner._prepare_inputs)
+    GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
+    GPUModelRunner.propose_draft_token_ids = _wrap_propose(GPUModelRunner.propose_draft_token_ids)
