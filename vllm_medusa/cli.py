@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("vllm_medusa.models", "prepare a base model (e.g. smollm2) as a HF folder"),
     "generate": ("vllm_medusa.generate", "generate answers to MT-Bench prompts with vLLM"),
     "distill": ("vllm_medusa.training.distill", "self-distillation data: the base model's answers"),
+    "train": ("vllm_medusa.training.train", "train Medusa heads on a frozen base model (CPU)"),
+    "eval-heads": ("vllm_medusa.training.evaluate", "per-head accuracy and simulated tree tau"),
+    "calibrate-tree": ("vllm_medusa.training.calibrate", "grow a tree from measured accuracies"),
 }
 
 
