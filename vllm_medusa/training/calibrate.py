@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import sys
 from pathlib import Path
 
 from vllm_medusa.training.common import TrainingError
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"vllm-medusa calibrate-tree: error: {e}")
+        print(f"vllm-medusa calibrate-tree: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,13 @@ QUICK = {"limit": 8, "max_tokens": 32}
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model folder (default: the prepared SmolLM2-135M)")
-    p.add_argument("--prompts", help="JSONL prompts file (default: ShareGPT first user turns)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help="JSONL prompts file (default: ShareGPT first user turns)")
+    src.add_argument(
+        "--mt-bench",
+        action="store_true",
+        help="MT-Bench first turns (evaluation continuations only: never train on them)",
+    )
     p.add_argument("--output", required=True, help="output JSONL (appended to, resumable)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--max-tokens", type=int, default=256, help="answer length cap (256)")
@@ -44,13 +51,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         type=float,
         help="minutes of generation: start no new chunk after this (resumable)",
     )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="skip vLLM's compilation warm-up (faster start, slower generation; on with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run: 8 prompts x 32 tokens")
 
 
-def load_prompts(prompts_file: str | None, limit: int | None) -> list[str]:
+def load_prompts(prompts_file: str | None, limit: int | None, mt_bench: bool = False) -> list[str]:
     from vllm_medusa import data
 
-    if prompts_file:
+    if mt_bench:
+        prompts = data.mt_bench_first_turns()
+    elif prompts_file:
         prompts = data.load_prompts_file(prompts_file)
     else:
         prompts = data.load_sharegpt_prompts(limit=limit)
@@ -83,6 +97,8 @@ def distill(
     max_prompt_tokens: int = 1024,
     chunk_size: int = 128,
     time_budget_min: float | None = None,
+    mt_bench: bool = False,
+    enforce_eager: bool = False,
 ) -> dict:
     """Generate the missing answers into ``output``; returns counts for the whole file."""
     if max_tokens < 1 or chunk_size < 1 or max_prompt_tokens < 1:
@@ -92,13 +108,13 @@ def distill(
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    prompts = load_prompts(prompts_file, limit, mt_bench)
     model_path = resolve_model(model)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_conversations(output, repair_tail=True) if output.exists() else []
     done_idx = {c.index for c in done}
 
-    prompts = load_prompts(prompts_file, limit)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     todo: list[tuple[int, list[int]]] = []
     too_long = 0
@@ -128,6 +144,7 @@ def distill(
             dtype="float32",
             seed=seed,
             max_model_len=max_prompt_tokens + max_tokens,
+            enforce_eager=enforce_eager,
         )
         bar = tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True)
         t_gen = time.time()
@@ -194,8 +211,10 @@ def run(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             chunk_size=args.chunk_size,
             time_budget_min=args.time_budget,
+            mt_bench=args.mt_bench,
+            enforce_eager=args.enforce_eager or args.quick,
         )
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"vllm-medusa distill: error: {e}")
+        print(f"vllm-medusa distill: error: {e}", file=sys.stderr)
         return 2
     return 0

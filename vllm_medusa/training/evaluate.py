@@ -22,6 +22,7 @@ The report is JSON; the heads' top-k candidates and the targets are saved beside
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,26 @@ def head_candidates(
         x = cache.hidden[start : start + chunk_rows].float()
         out[start : start + chunk_rows] = heads.topk(x, max_rank, lm)
     return Candidates(out, cache.targets(heads.num_heads), cache.conv.clone())
+
+
+@torch.no_grad()
+def step_cost_ms(
+    heads, base_lm_head: torch.Tensor | None, batch_sizes=(1, 8), repeats: int = 20
+) -> dict[str, float]:
+    """Median wall time (ms) of one drafting call (blocks + LM head + top-10) per batch size:
+    what the heads add to every decoding step."""
+    lm = None if base_lm_head is None else base_lm_head.float()
+    out = {}
+    for b in batch_sizes:
+        x = torch.randn(b, heads.config.hidden_size)
+        heads.topk(x, MAX_RANK, lm)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            heads.topk(x, MAX_RANK, lm)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[f"batch_{b}"] = round(sorted(times)[len(times) // 2], 3)
+    return out
 
 
 def rank_accuracy(c: Candidates) -> torch.Tensor:
@@ -222,6 +243,7 @@ def evaluate_heads(
         sim["mean_accepted"] = round(sim["mean_accepted"], 4)
         report["trees"][name] = sim
     report["seconds"] = round(time.time() - t0, 1)
+    report["heads_step_ms"] = step_cost_ms(heads, base_lm_head)
     return report, cand
 
 
@@ -239,6 +261,8 @@ def format_report(report: dict) -> str:
             f"tree {name}: {t['nodes']} nodes, simulated tau {t['tau']:.4f} "
             f"(predicted {t['predicted_tau']:.4f}), {t['steps']} steps"
         )
+    if "heads_step_ms" in report:
+        lines.append(f"heads per-step cost (ms, median): {report['heads_step_ms']}")
     return "\n".join(lines)
 
 
@@ -291,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"vllm-medusa eval-heads: error: {e}")
+        print(f"vllm-medusa eval-heads: error: {e}", file=sys.stderr)
         return 2
 
 

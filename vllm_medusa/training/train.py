@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"vllm-medusa train: error: {e}")
+        print(f"vllm-medusa train: error: {e}", file=sys.stderr)
         return 2
 
 
