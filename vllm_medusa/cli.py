@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vllm_medusa.training.train", "train Medusa heads on a frozen base model (CPU)"),
     "eval-heads": ("vllm_medusa.training.evaluate", "per-head accuracy and simulated tree tau"),
     "calibrate-tree": ("vllm_medusa.training.calibrate", "grow a tree from measured accuracies"),
+    "serve": ("vllm_medusa.serve", "OpenAI-compatible vLLM server with tree Medusa"),
 }
 
 

@@ -1,0 +1,96 @@
+"""Run one vLLM engine job in its own process and write the outputs as JSON.
+
+Tests start this script with ``subprocess`` so that every engine lives in a fresh process
+(vLLM cannot build a second engine in a process after a speculative one).
+
+    python tests/engine_job.py JOB.json OUT.json
+
+JOB: {"model": str, "engine": {LLM kwargs}, "medusa": {"heads": dir, "tree": ...} | null,
+      "prompts": [str] (chat-rendered here) | "prompt_token_ids": [[int]],
+      "sampling": {SamplingParams kwargs} | "sampling_per_prompt": [{...}],
+      "one_at_a_time": bool}
+OUT: {"token_ids": [[int]], "texts": [str], "finish_reasons": [str], "logprobs": [...],
+      "prompt_logprobs": [...], "spec": {summary} | null, "seconds": float}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    job = json.loads(open(sys.argv[1]).read())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_cache_gib", 1)))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from vllm_medusa.metrics import summarize_vllm_metrics
+
+    engine = dict(job.get("engine", {}))
+    if job.get("medusa"):
+        from vllm_medusa.engine_args import medusa_engine_kwargs
+
+        m = job["medusa"]
+        engine.update(medusa_engine_kwargs(m["heads"], m.get("tree"), **m.get("options", {})))
+    engine.setdefault("dtype", "float32")
+    engine.setdefault("seed", 0)
+    engine.setdefault("disable_log_stats", False)
+    llm = LLM(job["model"], **engine)
+
+    if "prompt_token_ids" in job:
+        inputs = [{"prompt_token_ids": ids} for ids in job["prompt_token_ids"]]
+    else:
+        tok = llm.get_tokenizer()
+        inputs = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in job["prompts"]
+        ]
+    if "sampling_per_prompt" in job:
+        params = [SamplingParams(**sp) for sp in job["sampling_per_prompt"]]
+    else:
+        params = SamplingParams(**job.get("sampling", {"temperature": 0, "max_tokens": 32}))
+
+    start = time.perf_counter()
+    if job.get("one_at_a_time"):
+        outs = []
+        for k, x in enumerate(inputs):
+            p = params[k] if isinstance(params, list) else params
+            outs.extend(llm.generate([x], p, use_tqdm=False))
+    else:
+        outs = llm.generate(inputs, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+
+    def _lp(entries):
+        if entries is None:
+            return None
+        return [None if e is None else {str(t): lp.logprob for t, lp in e.items()} for e in entries]
+
+    result = {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "texts": [o.outputs[0].text for o in outs],
+        "finish_reasons": [o.outputs[0].finish_reason for o in outs],
+        "logprobs": [_lp(o.outputs[0].logprobs) for o in outs],
+        "prompt_logprobs": [_lp(o.prompt_logprobs) for o in outs],
+        "seconds": seconds,
+        "spec": None,
+    }
+    spec = summarize_vllm_metrics(llm.get_metrics())
+    if spec.num_drafts:
+        result["spec"] = {
+            "tau": spec.tau,
+            "num_drafts": spec.num_drafts,
+            "num_draft_tokens": spec.num_draft_tokens,
+            "num_accepted_tokens": spec.num_accepted_tokens,
+            "accepted_per_position": spec.accepted_per_position,
+        }
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

