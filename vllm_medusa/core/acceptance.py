@@ -129,7 +129,12 @@ def typical_accept(
     _check_shapes(node_tokens, logits, tree)
     b = logits.shape[0]
     temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
-    temp = temp.expand(b) if temp.dim() == 0 else temp
+    if temp.dim() == 0:
+        temp = temp.expand(b)
+    elif temp.shape != (b,):
+        raise ValueError(
+            f"temperature must be a scalar or a [B] = [{b}] tensor, got {tuple(temp.shape)}"
+        )
     is_greedy = temp <= 0
     safe_temp = torch.where(is_greedy, torch.ones_like(temp), temp)
 

@@ -12,7 +12,7 @@ batched matmul per layer serves every head.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,9 +37,10 @@ class MedusaConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MedusaConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+        layers = self.num_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
             raise ValueError(
                 f"MedusaConfig.num_layers must be a non-negative integer, got {self.num_layers!r}"
             )
@@ -53,6 +54,13 @@ class MedusaConfig:
         unknown = set(data) - known - {"format", "format_version"}
         if unknown:
             raise ValueError(f"unknown keys in Medusa config: {sorted(unknown)}")
+        missing = [
+            name
+            for name, f in cls.__dataclass_fields__.items()
+            if name not in data and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise ValueError(f"missing keys in Medusa config: {missing}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> None:
@@ -99,10 +107,16 @@ class MedusaHeads(nn.Module):
                 f"heads expect {expected} (vocab, hidden)"
             )
         with torch.no_grad():
-            self.lm_head_weight.copy_(base_lm_head_weight.unsqueeze(0).expand_as(self.lm_head_weight))
+            self.lm_head_weight.copy_(
+                base_lm_head_weight.unsqueeze(0).expand_as(self.lm_head_weight)
+            )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Residual blocks of every head: ``[N, H]`` -> ``[K, N, H]``."""
+        if hidden_states.dim() != 2:
+            raise ValueError(
+                f"hidden states must be [N, H] (tokens, hidden), got {tuple(hidden_states.shape)}"
+            )
         if hidden_states.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"hidden states have size {hidden_states.shape[-1]}, "
@@ -135,6 +149,10 @@ class MedusaHeads(nn.Module):
         if base_lm_head_weight is None:
             raise ValueError("these heads share the base model's LM head: pass base_lm_head_weight")
         k, n, h = head_states.shape
+        if base_lm_head_weight.dim() != 2 or base_lm_head_weight.shape[1] != h:
+            raise ValueError(
+                f"base LM head must be [vocab, {h}], got {tuple(base_lm_head_weight.shape)}"
+            )
         w = base_lm_head_weight.to(head_states.dtype)
         return (head_states.reshape(k * n, h) @ w.t()).view(k, n, -1)
 

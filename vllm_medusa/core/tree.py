@@ -13,6 +13,7 @@ truncates the drafts to fit a token budget still leaves a well-formed tree.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -51,7 +52,9 @@ def preset_paths(name: str) -> list[list[int]]:
 
 def _normalise_paths(paths: Sequence[Sequence[int]], source: str) -> list[Path_]:
     if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
-        raise TreeError(f"{source}: a tree must be a list of rank paths, got {type(paths).__name__}")
+        raise TreeError(
+            f"{source}: a tree must be a list of rank paths, got {type(paths).__name__}"
+        )
     if len(paths) == 0:
         raise TreeError(f"{source}: the tree has no nodes")
     out: list[Path_] = []
@@ -125,9 +128,11 @@ class MedusaTree:
             if not file.is_file():
                 raise TreeError(f"tree file {file} does not exist")
             try:
-                data = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TreeError(f"tree file {file} is not valid JSON: {e}") from e
+            except OSError as e:
+                raise TreeError(f"tree file {file} cannot be read: {e}") from e
             if isinstance(data, dict):
                 if "paths" not in data:
                     raise TreeError(f"tree file {file} has no 'paths' key")
@@ -164,7 +169,13 @@ class MedusaTree:
 
     def truncated(self, num_nodes: int) -> MedusaTree:
         """The first ``num_nodes`` nodes (a valid tree, by BFS order)."""
-        return MedusaTree(self.paths[:num_nodes])
+        try:
+            count = operator.index(num_nodes)  # ints, numpy ints; not floats
+        except TypeError:
+            count = 0
+        if isinstance(num_nodes, bool) or count < 1:
+            raise TreeError(f"a truncated tree needs at least one node, got {num_nodes!r}")
+        return MedusaTree(self.paths[:count])
 
     # ---- index arrays (root = node 0) ----------------------------------------------------
     @cached_property
@@ -237,8 +248,17 @@ class TreeBuffers:
 
     def fill(self, candidates: torch.Tensor) -> torch.Tensor:
         """Tree node tokens from head candidates ``[B, K, k]`` (k >= top_k) -> ``[B, N]``."""
+        if candidates.dim() != 3:
+            raise ValueError(
+                f"candidates must be [B, K, k] (batch, heads, top-k), got {tuple(candidates.shape)}"
+            )
         b, k_heads, k = candidates.shape
         if k < self.top_k:
             raise ValueError(f"tree needs top-{self.top_k} candidates, got top-{k}")
+        depth = self.leaf_paths.shape[1] - 1
+        if k_heads < depth:
+            raise ValueError(
+                f"tree has depth {depth} and needs candidates of {depth} heads, got {k_heads}"
+            )
         flat = candidates[:, :, : self.top_k].reshape(b, k_heads * self.top_k)
         return flat[:, self.candidate_index]
