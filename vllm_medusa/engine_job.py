@@ -1,9 +1,9 @@
 """Run one vLLM engine job in its own process and write the outputs as JSON.
 
-Tests start this script with ``subprocess`` so that every engine lives in a fresh process
+Tests and benchmarks start this module with ``subprocess`` so that every engine lives in a fresh process
 (vLLM cannot build a second engine in a process after a speculative one).
 
-    python tests/engine_job.py JOB.json OUT.json
+    python -m vllm_medusa.engine_job JOB.json OUT.json
 
 JOB: {"model": str, "engine": {LLM kwargs}, "medusa": {"heads": dir, "tree": ...} | null,
       "prompts": [str] (chat-rendered here) | "prompt_token_ids": [[int]],

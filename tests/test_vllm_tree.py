@@ -1,0 +1,304 @@
+"""Tree Medusa inside vLLM on CPU: lossless greedy decoding, token for token (fp32).
+
+Every engine runs in its own subprocess (tests/engine_job.py). The reference is plain vLLM
+under the same batching mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ORACLE_MAX_TOKENS, ORACLE_PROMPTS
+from tests.vllm_jobs import (
+    SHIPPED_HEADS,
+    first_divergence,
+    run_engine_job,
+    run_engine_job_expecting_failure,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+MT_BENCH_MAX_TOKENS = 256
+ENGINE = {"max_model_len": 2048}
+
+
+@pytest.fixture(scope="module")
+def mt_bench_prompts():
+    from vllm_medusa.data import mt_bench_first_turns
+
+    prompts = mt_bench_first_turns()
+    assert len(prompts) == 80
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def serving_heads(oracle_heads):
+    """The shipped trained heads with their calibrated tree (oracle heads until they exist)."""
+    return SHIPPED_HEADS if (SHIPPED_HEADS / "config.json").exists() else oracle_heads
+
+
+def _pair(tmp_path, name, model, job, heads, tree=None, env=None):
+    plain = run_engine_job({"model": str(model), **job}, tmp_path, f"{name}-plain", env=env)
+    medusa = run_engine_job(
+        {"model": str(model), "medusa": {"heads": str(heads), "tree": tree}, **job},
+        tmp_path,
+        f"{name}-medusa",
+        env=env,
+    )
+    return plain, medusa
+
+
+def _assert_identical(plain, medusa):
+    assert medusa["token_ids"] == plain["token_ids"], first_divergence(
+        plain["token_ids"], medusa["token_ids"]
+    )
+    assert medusa["finish_reasons"] == plain["finish_reasons"]
+    assert medusa["texts"] == plain["texts"]
+    assert medusa["spec"] is not None and medusa["spec"]["num_drafts"] > 0
+
+
+def test_mt_bench_all_at_once_is_lossless(tmp_path, smollm2_dir, mt_bench_prompts, serving_heads):
+    job = {
+        "engine": ENGINE,
+        "prompts": mt_bench_prompts,
+        "sampling": {"temperature": 0, "max_tokens": MT_BENCH_MAX_TOKENS},
+        "kv_cache_gib": 2,
+    }
+    plain, medusa = _pair(tmp_path, "mtb-batch", smollm2_dir, job, serving_heads)
+    _assert_identical(plain, medusa)
+    print(f"80 MT-Bench prompts at once: tau {medusa['spec']['tau']:.3f}")
+
+
+def test_mt_bench_one_at_a_time_is_lossless(tmp_path, smollm2_dir, mt_bench_prompts, serving_heads):
+    job = {
+        "engine": ENGINE,
+        "prompts": mt_bench_prompts,
+        "sampling": {"temperature": 0, "max_tokens": MT_BENCH_MAX_TOKENS},
+        "one_at_a_time": True,
+    }
+    plain, medusa = _pair(tmp_path, "mtb-single", smollm2_dir, job, serving_heads)
+    _assert_identical(plain, medusa)
+    print(f"80 MT-Bench prompts one at a time: tau {medusa['spec']['tau']:.3f}")
+
+
+def test_deep_acceptance_with_oracle_heads(tmp_path, smollm2_dir, oracle_heads):
+    """Whole paths accepted (KV compaction at every step) on a 63-node published tree."""
+    job = {
+        "engine": ENGINE,
+        "prompts": ORACLE_PROMPTS,
+        "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
+    }
+    plain, medusa = _pair(tmp_path, "oracle", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    _assert_identical(plain, medusa)
+    spec = medusa["spec"]
+    # 4 heads: up to 4 drafts + 1 bonus per step; memorised text accepts nearly all of them.
+    assert spec["tau"] > 3.5, spec
+    assert spec["accepted_per_position"][3] > 0, spec
+
+
+def test_stops_inside_accepted_paths(tmp_path, smollm2_dir, oracle_heads):
+    """max_tokens, stop strings and stop tokens landing mid-path end exactly like plain."""
+    from transformers import AutoTokenizer
+
+    reference = run_engine_job(
+        {
+            "model": str(smollm2_dir),
+            "engine": ENGINE,
+            "prompts": ORACLE_PROMPTS,
+            "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
+        },
+        tmp_path,
+        "stops-ref",
+    )
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts, sampling = [], []
+    for prompt, ids in zip(ORACLE_PROMPTS, reference["token_ids"], strict=True):
+        for max_tokens in (1, 2, 3, 6, 11):
+            prompts.append(prompt)
+            sampling.append({"temperature": 0, "max_tokens": max_tokens})
+        for cut in (7, 13):  # a stop token and a stop string from inside the continuation
+            prompts.append(prompt)
+            sampling.append({"temperature": 0, "max_tokens": 40, "stop_token_ids": [ids[cut]]})
+            prompts.append(prompt)
+            sampling.append(
+                {"temperature": 0, "max_tokens": 40, "stop": [tok.decode(ids[cut : cut + 2])]}
+            )
+    job = {"engine": ENGINE, "prompts": prompts, "sampling_per_prompt": sampling}
+    plain, medusa = _pair(tmp_path, "stops", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    _assert_identical(plain, medusa)
+    assert {"length", "stop"} <= set(medusa["finish_reasons"])
+
+
+def test_preemption_with_small_kv_cache(tmp_path, smollm2_dir, mt_bench_prompts, oracle_heads):
+    prompts = ORACLE_PROMPTS * 2 + mt_bench_prompts[:8]
+    job = {
+        # 16 blocks of 32 tokens cannot hold 16 requests: the scheduler preempts and
+        # recomputes, and resumed requests come back with placeholder drafts.
+        "engine": {"max_model_len": 512, "block_size": 32, "num_gpu_blocks_override": 16},
+        "prompts": prompts,
+        "sampling": {"temperature": 0, "max_tokens": 64},
+    }
+    plain, medusa = _pair(tmp_path, "preempt", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    _assert_identical(plain, medusa)
+
+
+def test_prefix_caching(tmp_path, smollm2_dir, oracle_heads):
+    """Repeated prompts hit the prefix cache (requests start with computed tokens)."""
+    job = {
+        "engine": {**ENGINE, "enable_prefix_caching": True, "block_size": 32},
+        "prompts": ORACLE_PROMPTS,
+        "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
+        "one_at_a_time": True,
+    }
+    job["prompts"] = ORACLE_PROMPTS * 2
+    plain, medusa = _pair(tmp_path, "prefix", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    _assert_identical(plain, medusa)
+
+
+def test_chunked_prefill_with_long_prompts(tmp_path, smollm2_dir, oracle_heads):
+    """Long prompts prefilled in chunks share steps with requests decoding a tree."""
+    from vllm_medusa.data import load_sharegpt_prompts
+
+    long_prompts = [p for p in load_sharegpt_prompts(limit=400) if 2500 < len(p) < 5000][:3]
+    assert len(long_prompts) == 3
+    job = {
+        "engine": {
+            **ENGINE,
+            "max_model_len": 4096,
+            "enable_chunked_prefill": True,
+            "max_num_batched_tokens": 256,
+        },
+        "prompts": ORACLE_PROMPTS + long_prompts,
+        "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
+        "kv_cache_gib": 2,
+    }
+    plain, medusa = _pair(tmp_path, "chunked", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    _assert_identical(plain, medusa)
+
+
+def test_requests_that_cannot_speculate_decode_plainly(tmp_path, smollm2_dir, oracle_heads):
+    """Sampling, penalties, logprobs and prompt logprobs in one batch with tree requests.
+
+    Decision (documented in the README): such requests get no drafts and are decoded exactly
+    as without Medusa; greedy requests in the same batch keep speculating.
+    """
+    base = {"temperature": 0, "max_tokens": 24}
+    sampling = [
+        base,
+        {"temperature": 0.8, "seed": 7, "max_tokens": 24},
+        {**base, "repetition_penalty": 1.3},
+        {**base, "logprobs": 3},
+        {**base, "prompt_logprobs": 2},
+        {**base, "min_tokens": 5},
+    ]
+    prompts = [ORACLE_PROMPTS[i % len(ORACLE_PROMPTS)] for i in range(len(sampling))]
+    job = {"engine": ENGINE, "prompts": prompts, "sampling_per_prompt": sampling}
+    plain, medusa = _pair(tmp_path, "fallback", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    _assert_identical(plain, medusa)
+    for k in (3,):
+        for a, b in zip(plain["logprobs"][k], medusa["logprobs"][k], strict=True):
+            assert a.keys() == b.keys()
+            for t in a:
+                assert abs(a[t] - b[t]) < 1e-3
+    for a, b in zip(plain["prompt_logprobs"][4][1:], medusa["prompt_logprobs"][4][1:], strict=True):
+        assert a.keys() == b.keys()
+
+
+@pytest.mark.parametrize(
+    ("medusa", "message"),
+    [
+        ({"tree": "no_such_tree"}, "unknown tree preset 'no_such_tree'"),
+        ({"tree": [[0], [0, 0, 0]]}, "has no parent"),
+        ({"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]}, "only 4 Medusa heads"),
+        ({"options": {"accept": "greedy"}}, "unknown option"),
+    ],
+)
+def test_bad_configuration_fails_at_start(tmp_path, smollm2_dir, oracle_heads, medusa, message):
+    job = {
+        "model": str(smollm2_dir),
+        "engine": ENGINE,
+        "prompts": ["hi"],
+        "medusa": {"heads": str(oracle_heads), **medusa},
+    }
+    stderr = run_engine_job_expecting_failure(job, tmp_path, "bad")
+    assert message in stderr
+
+
+def test_num_speculative_tokens_must_match_tree(tmp_path, smollm2_dir, oracle_heads):
+    job = {
+        "model": str(smollm2_dir),
+        "engine": {
+            **ENGINE,
+            "speculative_config": {
+                "method": "medusa",
+                "model": str(oracle_heads),
+                "num_speculative_tokens": 5,
+            },
+            "additional_config": {"medusa": {"tree": "mc_sim_7b_63"}},
+        },
+        "prompts": ["hi"],
+    }
+    stderr = run_engine_job_expecting_failure(job, tmp_path, "bad-k")
+    assert "set num_speculative_tokens=63" in stderr
+
+
+def test_heads_for_another_model_fail_at_start(tmp_path, smollm2_dir):
+    from vllm_medusa.core.checkpoint import save_heads
+    from vllm_medusa.core.heads import MedusaConfig, MedusaHeads
+
+    wrong = tmp_path / "wrong-heads"
+    save_heads(MedusaHeads(MedusaConfig(hidden_size=64, vocab_size=49152, num_heads=2)), wrong)
+    job = {
+        "model": str(smollm2_dir),
+        "engine": {
+            **ENGINE,
+            "speculative_config": {
+                "method": "medusa",
+                "model": str(wrong),
+                "num_speculative_tokens": 2,
+            },
+        },
+        "prompts": ["hi"],
+    }
+    stderr = run_engine_job_expecting_failure(job, tmp_path, "bad-heads")
+    assert "hidden size 64" in stderr and "576" in stderr
+
+
+def test_disabling_the_plugin_gives_vllm_chain_medusa(tmp_path, smollm2_dir, oracle_heads):
+    """VLLM_PLUGINS without medusa_tree: vLLM's own top-1 chain Medusa on the same heads."""
+    from safetensors.torch import load_file
+
+    from vllm_medusa.core.checkpoint import export_vllm, load_heads
+
+    heads = load_heads(oracle_heads)
+    lm_head = load_file(smollm2_dir / "model.safetensors")
+    base_w = lm_head.get("lm_head.weight", lm_head.get("model.embed_tokens.weight"))
+    exported = export_vllm(heads, tmp_path / "vllm-heads", base_lm_head_weight=base_w)
+    env = {"VLLM_PLUGINS": "none"}
+    job = {
+        "engine": {
+            **ENGINE,
+            "speculative_config": {
+                "method": "medusa",
+                "model": str(exported),
+                "num_speculative_tokens": heads.num_heads,
+            },
+        },
+        "prompts": ORACLE_PROMPTS,
+        "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
+    }
+    plain = run_engine_job(
+        {
+            "model": str(smollm2_dir),
+            "engine": ENGINE,
+            "prompts": ORACLE_PROMPTS,
+            "sampling": job["sampling"],
+        },
+        tmp_path,
+        "chain-plain",
+    )
+    chain = run_engine_job({"model": str(smollm2_dir), **job}, tmp_path, "chain", env=env)
+    assert chain["token_ids"] == plain["token_ids"]
+    # vLLM's chain proposer drafts exactly num_heads tokens per step.
+    assert chain["spec"]["num_draft_tokens"] == 4 * chain["spec"]["num_drafts"]
+    assert chain["spec"]["tau"] > 2.0
