@@ -1,0 +1,254 @@
+"""``vllm-medusa generate``: answer prompts with vLLM and report throughput.
+
+Prompts (MT-Bench first turns, ShareGPT opening turns, or a JSONL file) are rendered with
+the model's chat template and generated in one ``LLM.generate`` call. ``--speculative-config``
+and ``--additional-config`` go to ``vllm.LLM`` unchanged; when the engine counts
+speculative-decoding drafts, the mean number of tokens accepted per step is printed too.
+
+vLLM is imported inside :func:`run`; a script that builds an engine needs an
+``if __name__ == "__main__":`` guard (vLLM may start worker processes that re-import it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+PROMPT_SOURCES = ("mt-bench", "sharegpt")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF model folder or name (default: the prepared SmolLM2-135M-Instruct, "
+        "prepared on first use)",
+    )
+    parser.add_argument(
+        "--prompts",
+        default="mt-bench",
+        help="mt-bench (first turns), sharegpt (opening human turns), or a JSONL file "
+        "(default: mt-bench)",
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, default=8, help="how many prompts, 0 for all (default 8)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (128)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (0)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    parser.add_argument("--output", type=Path, default=None, help="write results as JSONL here")
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=2.0,
+        help=f"CPU KV cache size in GiB; sets ${KV_CACHE_ENV} unless it is set (default 2)",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="engine context length (model default)"
+    )
+    parser.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="passed to vllm.LLM(speculative_config=...)",
+    )
+    parser.add_argument(
+        "--additional-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="passed to vllm.LLM(additional_config=...)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="print only the summary, not each answer"
+    )
+
+
+def load_prompt_set(source: str, num_prompts: int) -> list[str]:
+    """``source`` is ``mt-bench``, ``sharegpt`` or a JSONL file; ``num_prompts <= 0`` = all."""
+    from vllm_medusa import data
+
+    limit = num_prompts if num_prompts > 0 else None
+    if source == "mt-bench":
+        prompts = data.mt_bench_first_turns()
+    elif source == "sharegpt":
+        return data.load_sharegpt_prompts(limit)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"--prompts {source!r}: no such file (use mt-bench, sharegpt, or a JSONL file)"
+            )
+        prompts = data.load_prompts_file(path)
+    return prompts[:limit] if limit is not None else prompts
+
+
+def spec_decode_stats(metrics) -> dict | None:
+    """Drafts / accepted tokens from ``LLM.get_metrics()``, or None if there are none."""
+    totals: dict[str, float] = {}
+    for metric in metrics or []:
+        name = getattr(metric, "name", "")
+        if name.endswith("_total"):
+            name = name[: -len("_total")]
+        if name in (
+            "vllm:spec_decode_num_drafts",
+            "vllm:spec_decode_num_accepted_tokens",
+            "vllm:spec_decode_num_draft_tokens",
+        ):
+            value = getattr(metric, "value", None)
+            if isinstance(value, (int, float)):
+                totals[name] = totals.get(name, 0) + value
+    drafts = totals.get("vllm:spec_decode_num_drafts", 0)
+    if not drafts:
+        return None
+    accepted = totals.get("vllm:spec_decode_num_accepted_tokens", 0)
+    stats = {
+        "drafts": int(drafts),
+        "accepted_tokens": int(accepted),
+        "mean_accepted_tokens_per_step": 1 + accepted / drafts,
+    }
+    if "vllm:spec_decode_num_draft_tokens" in totals:
+        stats["draft_tokens"] = int(totals["vllm:spec_decode_num_draft_tokens"])
+    return stats
+
+
+def _short(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault(KV_CACHE_ENV, f"{args.kv_cache_gib:g}")
+
+    if args.model is None:
+        from vllm_medusa.models import default_model_path
+
+        model = str(default_model_path())
+    else:
+        model = args.model
+
+    try:
+        prompts = load_prompt_set(args.prompts, args.num_prompts)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return 2
+    if not prompts:
+        print(f"generate: no prompts from {args.prompts!r}", file=sys.stderr)
+        return 2
+
+    from vllm import LLM, SamplingParams
+
+    from vllm_medusa.data import render_chat
+
+    llm_kwargs: dict = {
+        "model": model,
+        "dtype": "float32",
+        "seed": args.seed,
+        "disable_log_stats": False,  # get_metrics() needs stat logging
+    }
+    if args.max_model_len is not None:
+        llm_kwargs["max_model_len"] = args.max_model_len
+    if args.speculative_config is not None:
+        llm_kwargs["speculative_config"] = args.speculative_config
+    if args.additional_config is not None:
+        llm_kwargs["additional_config"] = args.additional_config
+
+    t_engine = time.perf_counter()
+    llm = LLM(**llm_kwargs)
+    engine_s = time.perf_counter() - t_engine
+
+    tokenizer = llm.get_tokenizer()
+    rendered = [render_chat(tokenizer, p) for p in prompts]
+    # The template already holds any special tokens the model wants; don't add a second BOS.
+    inputs = [
+        {"prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+        for text in rendered
+    ]
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+    )
+
+    t0 = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+
+    records = []
+    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
+        completion = out.outputs[0]
+        records.append(
+            {
+                "index": i,
+                "prompt": prompt,
+                "output": completion.text,
+                "prompt_tokens": len(out.prompt_token_ids or []),
+                "output_tokens": len(completion.token_ids),
+                "finish_reason": completion.finish_reason,
+                "output_token_ids": list(completion.token_ids),
+            }
+        )
+        if not args.quiet:
+            print(f"--- [{i}] {_short(prompt, 160)}")
+            print(f"    => {_short(completion.text)}")
+
+    n_out = sum(r["output_tokens"] for r in records)
+    summary = {
+        "model": model,
+        "prompts": args.prompts,
+        "requests": len(records),
+        "output_tokens": n_out,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(n_out / seconds, 2) if seconds > 0 else None,
+        "engine_start_s": round(engine_s, 1),
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+    }
+    try:
+        spec = spec_decode_stats(llm.get_metrics())
+    except Exception:  # metrics are optional (stat logging off, older engine)
+        spec = None
+    if spec is not None:
+        summary["spec_decode"] = spec
+
+    print(
+        f"generate: {summary['requests']} requests, {n_out} output tokens in {seconds:.2f} s "
+        f"= {summary['tokens_per_s']} tokens/s (engine start {engine_s:.1f} s)"
+    )
+    if spec is not None:
+        print(
+            f"generate: spec decode: {spec['drafts']} drafts, {spec['accepted_tokens']} accepted "
+            f"tokens, mean accepted tokens per step {spec['mean_accepted_tokens_per_step']:.3f}"
+        )
+
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        summary_path = args.output.with_suffix(".summary.json")
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"generate: wrote {args.output} and {summary_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from vllm_medusa.cli import main
+
+    sys.exit(main(["generate", *sys.argv[1:]]))
