@@ -64,6 +64,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="engine context length (model default)"
     )
     parser.add_argument(
+        "--medusa-heads",
+        default=None,
+        metavar="DIR",
+        help="serve with tree Medusa using these heads ('shipped': the heads shipped for "
+        "SmolLM2-135M-Instruct); their tree.json is the default tree",
+    )
+    parser.add_argument(
+        "--medusa-tree",
+        default=None,
+        help="tree preset, JSON file or JSON list of rank paths (default: the heads' tree)",
+    )
+    parser.add_argument(
         "--speculative-config",
         type=_json_object,
         default=None,
@@ -102,32 +114,29 @@ def load_prompt_set(source: str, num_prompts: int) -> list[str]:
 
 
 def spec_decode_stats(metrics) -> dict | None:
-    """Drafts / accepted tokens from ``LLM.get_metrics()``, or None if there are none."""
-    totals: dict[str, float] = {}
-    for metric in metrics or []:
-        name = getattr(metric, "name", "")
-        if name.endswith("_total"):
-            name = name[: -len("_total")]
-        if name in (
-            "vllm:spec_decode_num_drafts",
-            "vllm:spec_decode_num_accepted_tokens",
-            "vllm:spec_decode_num_draft_tokens",
-        ):
-            value = getattr(metric, "value", None)
-            if isinstance(value, (int, float)):
-                totals[name] = totals.get(name, 0) + value
-    drafts = totals.get("vllm:spec_decode_num_drafts", 0)
-    if not drafts:
+    """Tau and accepted-length distribution from ``LLM.get_metrics()`` (None: no drafts)."""
+    from vllm_medusa.metrics import summarize_vllm_metrics
+
+    summary = summarize_vllm_metrics(metrics or [])
+    if not summary.num_drafts:
         return None
-    accepted = totals.get("vllm:spec_decode_num_accepted_tokens", 0)
-    stats = {
-        "drafts": int(drafts),
-        "accepted_tokens": int(accepted),
-        "mean_accepted_tokens_per_step": 1 + accepted / drafts,
+    return {
+        "drafts": summary.num_drafts,
+        "draft_tokens": summary.num_draft_tokens,
+        "accepted_tokens": summary.num_accepted_tokens,
+        "tau": round(summary.tau, 4),
+        "accepted_length_distribution": [
+            round(p, 4) for p in summary.accepted_length_distribution()
+        ],
     }
-    if "vllm:spec_decode_num_draft_tokens" in totals:
-        stats["draft_tokens"] = int(totals["vllm:spec_decode_num_draft_tokens"])
-    return stats
+
+
+def resolve_heads(value: str) -> Path:
+    if value == "shipped":
+        from vllm_medusa.paths import shipped_heads_dir
+
+        return shipped_heads_dir()
+    return Path(value)
 
 
 def _short(text: str, limit: int = 240) -> str:
@@ -166,6 +175,15 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.max_model_len is not None:
         llm_kwargs["max_model_len"] = args.max_model_len
+    if args.medusa_heads is not None:
+        from vllm_medusa.engine_args import medusa_engine_kwargs
+        from vllm_medusa.serve import parse_tree_option
+
+        llm_kwargs.update(
+            medusa_engine_kwargs(
+                resolve_heads(args.medusa_heads), parse_tree_option(args.medusa_tree)
+            )
+        )
     if args.speculative_config is not None:
         llm_kwargs["speculative_config"] = args.speculative_config
     if args.additional_config is not None:
@@ -233,8 +251,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if spec is not None:
         print(
-            f"generate: spec decode: {spec['drafts']} drafts, {spec['accepted_tokens']} accepted "
-            f"tokens, mean accepted tokens per step {spec['mean_accepted_tokens_per_step']:.3f}"
+            f"generate: Medusa tau {spec['tau']:.3f} (mean tokens per verification step; "
+            f"{spec['drafts']} steps with drafts, {spec['accepted_tokens']} accepted draft "
+            f"tokens); accepted length distribution {spec['accepted_length_distribution']}"
         )
 
     if args.output is not None:

@@ -25,3 +25,14 @@ def repo_root() -> Path:
 def assets_dir() -> Path:
     """Files shipped inside the package (trained heads, trees)."""
     return Path(__file__).resolve().parent / "assets"
+
+
+SHIPPED_HEADS = "smollm2-135m-instruct"
+
+
+def shipped_heads_dir() -> Path:
+    """Medusa heads shipped for SmolLM2-135M-Instruct (trained by this project's commands)."""
+    path = assets_dir() / "heads" / SHIPPED_HEADS
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no shipped heads at {path}")
+    return path

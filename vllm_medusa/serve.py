@@ -34,7 +34,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_tree(value: str | None):
+def parse_tree_option(value: str | None):
     if value is None:
         return None
     stripped = value.strip()
@@ -57,7 +57,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         args.model,
         "--dtype",
         "float32",
-        *medusa_server_args(args.medusa_heads, _parse_tree(args.medusa_tree)),
+        *medusa_server_args(args.medusa_heads, parse_tree_option(args.medusa_tree)),
         *extra,
     ]
 
