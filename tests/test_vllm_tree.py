@@ -134,7 +134,7 @@ def test_preemption_with_small_kv_cache(tmp_path, smollm2_dir, mt_bench_prompts,
     job = {
         # 16 blocks of 32 tokens cannot hold 16 requests: the scheduler preempts and
         # recomputes, and resumed requests come back with placeholder drafts.
-        "engine": {"max_model_len": 512, "block_size": 32, "num_gpu_blocks_override": 16},
+        "engine": {"max_model_len": 448, "block_size": 32, "num_gpu_blocks_override": 16},
         "prompts": prompts,
         "sampling": {"temperature": 0, "max_tokens": 64},
     }
@@ -166,7 +166,8 @@ def test_chunked_prefill_with_long_prompts(tmp_path, smollm2_dir, oracle_heads):
             **ENGINE,
             "max_model_len": 4096,
             "enable_chunked_prefill": True,
-            "max_num_batched_tokens": 256,
+            # Room for the four 64-token trees plus a 256-token prefill chunk per step.
+            "max_num_batched_tokens": 512,
         },
         "prompts": ORACLE_PROMPTS + long_prompts,
         "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
