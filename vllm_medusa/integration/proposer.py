@@ -79,6 +79,8 @@ class TreeMedusaProposer(MedusaProposer):
                 f"set num_speculative_tokens={self.tree.num_nodes} (one draft token per node)"
             )
         self.buffers = self.tree.buffers(device)
+        self.vocab_size = model_config.get_vocab_size()
+        self.base_compute_logits = None
         # Host-side copies for building per-step tree layouts.
         self.node_depths_np = np.asarray(self.tree.depths, dtype=np.int64)
         self.ancestor_mask_np = self.buffers.ancestor_mask.cpu().numpy()
@@ -86,7 +88,6 @@ class TreeMedusaProposer(MedusaProposer):
         # the nodes before it (root, first child, chains); only the others need a tree mask.
         n = self.tree.num_nodes + 1
         self._causal_exact = np.array([self.ancestor_mask_np[j, : j + 1].all() for j in range(n)])
-        self.base_lm_head_weight: torch.Tensor | None = None
         logger.info(
             "Medusa tree: %d nodes (per depth %s), top-%d, from %s",
             self.tree.num_nodes,
@@ -100,27 +101,28 @@ class TreeMedusaProposer(MedusaProposer):
         return np.nonzero(~self._causal_exact[1 : num_nodes + 1])[0] + 1
 
     def load_model(self, target_model: torch.nn.Module) -> None:
-        vocab_size = self.vllm_config.model_config.get_vocab_size()
         if self.heads.config.shared_lm_head:
-            if self.vllm_config.parallel_config.tensor_parallel_size > 1:
+            if not hasattr(target_model, "compute_logits"):
                 raise MedusaConfigError(
-                    "heads that share the base LM head are not supported with tensor "
-                    "parallelism yet (the LM head is sharded); export heads with their own "
-                    "LM heads"
-                )
-            lm_head = getattr(target_model, "lm_head", None)
-            if lm_head is None or not hasattr(lm_head, "weight"):
-                raise MedusaConfigError(
-                    f"{type(target_model).__name__} exposes no lm_head weight for heads that "
+                    f"{type(target_model).__name__} has no compute_logits for heads that "
                     "share the base LM head"
                 )
-            self.base_lm_head_weight = lm_head.weight[:vocab_size]
+            # vLLM's own LM head (pre-packed oneDNN weights on CPU, vocab-parallel gather
+            # under tensor parallelism): ~4x faster here than a plain matmul.
+            self.base_compute_logits = target_model.compute_logits
         self.heads = self.heads.to(self.device).eval()
 
     @torch.inference_mode()
     def propose_tree(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Tree node tokens ``[B, N]`` from the hidden states ``[B, H]`` of the roots."""
-        top = self.heads.topk(hidden_states, self.tree.top_k, self.base_lm_head_weight)
+        head_states = self.heads(hidden_states)  # [K, B, H]
+        if self.heads.config.shared_lm_head:
+            k, b, h = head_states.shape
+            logits = self.base_compute_logits(head_states.reshape(k * b, h))
+            logits = logits[:, : self.vocab_size].view(k, b, -1)
+        else:
+            logits = self.heads.compute_logits(head_states)
+        top = logits.topk(self.tree.top_k, dim=-1).indices.permute(1, 0, 2)  # [B, K, k]
         return self.buffers.fill(top)
 
     def propose(self, *args, **kwargs):  # pragma: no cover - guarded by the runner patch
