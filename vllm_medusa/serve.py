@@ -29,9 +29,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--print-flags", action="store_true", help="print the vLLM server command and exit"
     )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
-    parser.add_argument(
-        "server_args", nargs=argparse.REMAINDER, help="any vLLM OpenAI-server flags"
-    )
+    # Every other flag goes to vLLM's server unchanged (collected by cli.main).
+    parser.set_defaults(accepts_extra_args=True)
 
 
 def parse_tree_option(value: str | None):
@@ -48,7 +47,7 @@ def parse_tree_option(value: str | None):
 def build_command(args: argparse.Namespace) -> list[str]:
     from vllm_medusa.engine_args import medusa_server_args
 
-    extra = [a for a in args.server_args if a != "--"]
+    extra = [a for a in getattr(args, "extra_args", []) if a != "--"]
     return [
         sys.executable,
         "-m",
