@@ -330,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
         write_json,
     )
     from vllm_medusa.training.conversations import append_conversations, read_conversations
-    from vllm_medusa.training.hidden import compute_hidden
+    from vllm_medusa.training.hidden import cached_hidden, compute_hidden
 
     set_threads(args.threads)
     limit, max_tokens = args.limit, args.max_tokens
@@ -377,7 +377,10 @@ def _run(args: argparse.Namespace) -> int:
         saved.unlink(missing_ok=True)
         append_conversations(saved, convs)
         print(f"eval-heads: greedy continuations saved to {saved}", flush=True)
-    cache = compute_hidden(model, convs, include_prompt=False)
+    if args.continuations and limit is None:
+        cache = cached_hidden(args.continuations, model, model_path)  # reused across heads
+    else:
+        cache = compute_hidden(model, convs, include_prompt=False)
     lm = base_lm_head_weight(model)
     report, cand = evaluate_heads(heads, cache, lm, trees)
     report = {"heads": str(heads_dir), "model": str(model_path), "data": source} | report

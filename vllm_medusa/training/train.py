@@ -140,6 +140,13 @@ def train_heads(
         lm_for_loss = base_lm_head[vocab_ids].contiguous()
         remap = torch.full((vocab_size,), IGNORE, dtype=torch.long)
         remap[vocab_ids] = torch.arange(vocab_ids.numel())
+        valid = targets_all[targets_all != IGNORE]
+        coverage = (remap[valid] != IGNORE).double().mean().item()
+        print(
+            f"train: training softmax over the {vocab_ids.numel()} most frequent target "
+            f"tokens ({coverage:.2%} of the targets; the others are left out of the loss)",
+            flush=True,
+        )
 
     mcfg = MedusaConfig(
         hidden_size=hidden_size,
