@@ -49,7 +49,7 @@ class AcceptanceResult:
         return out
 
 
-def _select_longest_path(
+def longest_accepted_path(
     node_ok: torch.Tensor,
     node_tokens: torch.Tensor,
     tree: TreeBuffers,
@@ -105,7 +105,7 @@ def greedy_accept(
     argmax = logits.argmax(dim=-1)  # [B, N+1]
     parents = tree.parents.clamp(min=0)
     node_ok = node_tokens == argmax[:, parents]
-    num_acc, nodes, tokens, last = _select_longest_path(node_ok, node_tokens, tree)
+    num_acc, nodes, tokens, last = longest_accepted_path(node_ok, node_tokens, tree)
     bonus = argmax.gather(1, last[:, None]).squeeze(1)
     return AcceptanceResult(num_acc, nodes, tokens, last, bonus)
 
@@ -152,7 +152,7 @@ def typical_accept(
     greedy_ok = node_tokens == argmax[:, parents]
     node_ok = torch.where(is_greedy[:, None], greedy_ok, node_ok)
     score = torch.where(is_greedy[:, None], torch.zeros_like(child_logp), child_logp)
-    num_acc, nodes, tokens, last = _select_longest_path(node_ok, node_tokens, tree, score)
+    num_acc, nodes, tokens, last = longest_accepted_path(node_ok, node_tokens, tree, score)
 
     last_probs = probs[torch.arange(b, device=logits.device), last]  # [B, V]
     sampled = torch.multinomial(last_probs, 1, generator=generator).squeeze(1)

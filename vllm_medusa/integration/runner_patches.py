@@ -26,7 +26,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_medusa.core.acceptance import _select_longest_path
+from vllm_medusa.core.acceptance import longest_accepted_path
 from vllm_medusa.integration import tree_attention
 from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
 
@@ -144,7 +144,7 @@ def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer):
     node_tokens[is_draft] = spec_md.draft_token_ids.to(torch.long)
     parents = drafter.buffers.parents.clamp(min=0)
     node_ok = (node_tokens == argmax[:, parents]) & is_draft
-    num_acc, nodes, tokens, last = _select_longest_path(node_ok, node_tokens, drafter.buffers)
+    num_acc, nodes, tokens, last = longest_accepted_path(node_ok, node_tokens, drafter.buffers)
     return num_acc, nodes, tokens, last, first_row
 
 
