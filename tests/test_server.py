@@ -96,6 +96,7 @@ def server_process(smollm2_dir, oracle_heads, tmp_path_factory) -> Iterator[Serv
         "2048",
         "--served-model-name",
         SERVED_NAME,
+        "--enforce-eager",  # short requests: compiling (~70 s on CPU) would cost more
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log, "w") as log_file:
@@ -114,7 +115,7 @@ def reference_text(server_process, smollm2_dir) -> str:
     out = run_engine_job(
         {
             "model": str(smollm2_dir),
-            "engine": {"max_model_len": 2048},
+            "engine": {"max_model_len": 2048, "enforce_eager": True},
             "prompts": [PROMPT],
             "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
         },

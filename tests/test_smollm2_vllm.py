@@ -130,6 +130,7 @@ def vllm_run(smollm2, tmp_path_factory):
         "--max-tokens", str(MAX_TOKENS),
         "--temperature", "0",
         "--max-model-len", "2048",
+        "--enforce-eager",  # a short run: compiling would cost more than it saves
         "--output", str(output),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)

@@ -64,6 +64,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="engine context length (model default)"
     )
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="skip torch.compile: the engine starts ~70 s sooner on CPU but decodes ~1.5x "
+        "slower (worth it for short runs)",
+    )
+    parser.add_argument(
         "--medusa-heads",
         default=None,
         metavar="DIR",
@@ -175,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.max_model_len is not None:
         llm_kwargs["max_model_len"] = args.max_model_len
+    if args.enforce_eager:
+        llm_kwargs["enforce_eager"] = True
     if args.medusa_heads is not None:
         from vllm_medusa.engine_args import medusa_engine_kwargs
         from vllm_medusa.serve import parse_tree_option
