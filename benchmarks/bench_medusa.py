@@ -6,6 +6,7 @@ one after another, on the same MT-Bench prompts; the table reports output tokens
 concurrency, plus whether the greedy outputs are identical to plain decoding's.
 
     python benchmarks/bench_medusa.py [--num-prompts 80] [--max-tokens 128] [--concurrency 1 16]
+        [--configs plain vllm-chain tree-full tree-auto]
 
 Machines are noisy: compare ratios within one run, never absolute numbers across runs.
 """
@@ -44,6 +45,13 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["vllm-chain", "tree-full", "tree-auto"],
+        choices=["plain", "vllm-chain", "tree-full", "tree-auto"],
+        help="what to run besides plain decoding (always run: the reference)",
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_medusa.json"))
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -78,8 +86,11 @@ def main() -> int:
             },
             {"VLLM_PLUGINS": "none"},
         ),
-        "tree": ("tree", None),
+        # The whole tree every step, and the default cost-aware draft budget.
+        "tree-full": ({"draft_budget": "full"}, None),
+        "tree-auto": ({}, None),
     }
+    configs = {c: configs[c] for c in ["plain", *args.configs] if c in configs}
     runs = [(c, n) for n in args.concurrency for c in configs]
     results = []
     for config, concurrency in tqdm(runs, desc="benchmark", unit="run"):
@@ -92,8 +103,8 @@ def main() -> int:
             "one_at_a_time": concurrency == 1,
             "kv_cache_gib": 2,
         }
-        if engine_kwargs == "tree":
-            job["medusa"] = {"heads": str(heads_dir), "tree": args.tree}
+        if config.startswith("tree"):
+            job["medusa"] = {"heads": str(heads_dir), "tree": args.tree, "options": engine_kwargs}
         else:
             job["engine"].update(engine_kwargs)
         out = _run_job(job, workdir, f"{config}-c{concurrency}", env)

@@ -87,6 +87,8 @@ def server_process(smollm2_dir, oracle_heads, tmp_path_factory) -> Iterator[Serv
         str(oracle_heads),
         "--medusa-tree",
         TREE,
+        "--medusa-draft-budget",
+        "full",  # deep acceptance below needs the whole tree every step
         str(smollm2_dir),
         "--host",
         "127.0.0.1",

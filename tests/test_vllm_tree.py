@@ -39,14 +39,20 @@ def serving_heads(oracle_heads):
     return SHIPPED_HEADS if (SHIPPED_HEADS / "config.json").exists() else oracle_heads
 
 
+# Tests of the tree machinery draft the whole tree every step; the default draft budget
+# ("auto", which may draft less or nothing when that is faster) has its own tests.
+FULL_TREE = {"draft_budget": "full"}
+
+
 def _pair(tmp_path, name, model, job, heads, tree=None, env=None):
     plain = run_engine_job({"model": str(model), **job}, tmp_path, f"{name}-plain", env=env)
     return plain, _medusa(tmp_path, name, model, job, heads, tree, env)
 
 
-def _medusa(tmp_path, name, model, job, heads, tree=None, env=None):
+def _medusa(tmp_path, name, model, job, heads, tree=None, env=None, options=FULL_TREE):
+    medusa = {"heads": str(heads), "tree": tree, "options": options}
     return run_engine_job(
-        {"model": str(model), "medusa": {"heads": str(heads), "tree": tree}, **job},
+        {"model": str(model), "medusa": medusa, **job},
         tmp_path,
         f"{name}-medusa",
         env=env,
@@ -99,12 +105,14 @@ def test_mt_bench_one_at_a_time_is_lossless(
     tmp_path, smollm2_dir, mt_bench_prompts, serving_heads, mt_bench_plain
 ):
     # Compiled (vLLM's default): 20k single-request steps repay the compile, and the compiled
-    # graph calling the tree attention backend gets covered.
+    # graph calling the tree attention backend gets covered. Default options: the draft
+    # budget decides per step how much of the tree pays on this machine.
     job = _mt_bench_job(mt_bench_prompts, one_at_a_time=True)
     job["engine"] = {**ENGINE, "enforce_eager": False}
-    medusa = _medusa(tmp_path, "mtb-single", smollm2_dir, job, serving_heads)
+    medusa = _medusa(tmp_path, "mtb-single", smollm2_dir, job, serving_heads, options={})
     _assert_identical(mt_bench_plain, medusa)
-    print(f"80 MT-Bench prompts one at a time: tau {medusa['spec']['tau']:.3f}")
+    spec = medusa["spec"]
+    print(f"80 MT-Bench prompts one at a time: tau {spec['tau']:.3f}, {spec}")
 
 
 ORACLE_JOB = {
@@ -130,6 +138,18 @@ def test_deep_acceptance_with_oracle_heads(tmp_path, smollm2_dir, oracle_heads, 
     # 4 heads: up to 4 drafts + 1 bonus per step; memorised text accepts nearly all of them.
     assert spec["tau"] > 3.5, spec
     assert spec["accepted_per_position"][3] > 0, spec
+
+
+def test_draft_budget_keeps_drafting_heads_that_are_accepted(
+    tmp_path, smollm2_dir, oracle_heads, oracle_plain
+):
+    """The default cost-aware budget: lossless, and a chain that is always accepted pays on
+    any machine (4 accepted drafts for at most 5x the tokens of a plain step), so it stays."""
+    medusa = _medusa(
+        tmp_path, "budget", smollm2_dir, ORACLE_JOB, oracle_heads, "chain-4", options={}
+    )
+    _assert_identical(oracle_plain, medusa)
+    assert medusa["spec"]["tau"] > 3.0, medusa["spec"]
 
 
 def test_stops_inside_accepted_paths(tmp_path, smollm2_dir, oracle_heads, oracle_plain):
@@ -244,6 +264,7 @@ def test_requests_that_cannot_speculate_decode_plainly(tmp_path, smollm2_dir, or
         ({"tree": [[0], [0, 0, 0]]}, "has no parent"),
         ({"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]}, "only 4 Medusa heads"),
         ({"options": {"accept": "greedy"}}, "unknown option"),
+        ({"options": {"draft_budget": "some"}}, "unknown draft_budget 'some'"),
     ],
 )
 def test_bad_configuration_fails_at_start(tmp_path, smollm2_dir, oracle_heads, medusa, message):

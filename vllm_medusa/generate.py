@@ -81,6 +81,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tree preset, JSON file or JSON list of rank paths (default: the heads' tree)",
     )
+    from vllm_medusa.serve import add_draft_budget_argument
+
+    add_draft_budget_argument(parser)
     parser.add_argument(
         "--speculative-config",
         type=_json_object,
@@ -185,11 +188,13 @@ def run(args: argparse.Namespace) -> int:
         llm_kwargs["enforce_eager"] = True
     if args.medusa_heads is not None:
         from vllm_medusa.engine_args import medusa_engine_kwargs
-        from vllm_medusa.serve import parse_tree_option
+        from vllm_medusa.serve import draft_budget_option, parse_tree_option
 
         llm_kwargs.update(
             medusa_engine_kwargs(
-                resolve_heads(args.medusa_heads), parse_tree_option(args.medusa_tree)
+                resolve_heads(args.medusa_heads),
+                parse_tree_option(args.medusa_tree),
+                **draft_budget_option(args),
             )
         )
     if args.speculative_config is not None:

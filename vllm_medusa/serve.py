@@ -25,12 +25,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="tree: preset name (mc_sim_7b_63, chain-4, ...), JSON file, or JSON list of "
         "rank paths; default: the heads folder's tree.json, else a chain over all heads",
     )
+    add_draft_budget_argument(parser)
     parser.add_argument(
         "--print-flags", action="store_true", help="print the vLLM server command and exit"
     )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
     # Every other flag goes to vLLM's server unchanged (collected by cli.main).
     parser.set_defaults(accepts_extra_args=True)
+
+
+def add_draft_budget_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--medusa-draft-budget",
+        choices=("auto", "full"),
+        default=None,
+        help="auto (default): per step, draft as much of the tree as pays on this machine "
+        "(possibly nothing); full: always the whole tree",
+    )
 
 
 def parse_tree_option(value: str | None):
@@ -42,6 +53,11 @@ def parse_tree_option(value: str | None):
 
         return json.loads(stripped)
     return value
+
+
+def draft_budget_option(args: argparse.Namespace) -> dict:
+    budget = getattr(args, "medusa_draft_budget", None)
+    return {} if budget is None else {"draft_budget": budget}
 
 
 def build_command(args: argparse.Namespace) -> list[str]:
@@ -56,7 +72,9 @@ def build_command(args: argparse.Namespace) -> list[str]:
         args.model,
         "--dtype",
         "float32",
-        *medusa_server_args(args.medusa_heads, parse_tree_option(args.medusa_tree)),
+        *medusa_server_args(
+            args.medusa_heads, parse_tree_option(args.medusa_tree), **draft_budget_option(args)
+        ),
         *extra,
     ]
 

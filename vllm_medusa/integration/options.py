@@ -7,6 +7,7 @@ from typing import Any
 
 CONFIG_KEY = "medusa"
 ACCEPTANCE_METHODS = ("greedy",)
+DRAFT_BUDGETS = ("auto", "full")
 
 
 class MedusaConfigError(ValueError):
@@ -23,10 +24,15 @@ class MedusaTreeOptions:
     - ``acceptance``: ``greedy`` (lossless). Requests that do not decode greedily, or that
       use penalties, logit biases, bad words, min_tokens or structured output, are served
       with plain decoding (no drafts for them).
+    - ``draft_budget``: ``auto`` (default) drafts, each step, the breadth-first prefix of the
+      tree (possibly empty: plain decoding) with the best expected tokens per second, from a
+      step-cost table measured at engine start and running per-node acceptance rates
+      (:mod:`vllm_medusa.core.draft_budget`); ``full`` always drafts the whole tree.
     """
 
     tree: Any = None
     acceptance: str = "greedy"
+    draft_budget: str = "auto"
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> MedusaTreeOptions:
@@ -49,5 +55,9 @@ class MedusaTreeOptions:
             raise MedusaConfigError(
                 f"unknown acceptance method {options.acceptance!r}; "
                 f"supported: {list(ACCEPTANCE_METHODS)}"
+            )
+        if options.draft_budget not in DRAFT_BUDGETS:
+            raise MedusaConfigError(
+                f"unknown draft_budget {options.draft_budget!r}; supported: {list(DRAFT_BUDGETS)}"
             )
         return options

@@ -7,6 +7,7 @@ configured token tree; the flattened tree (breadth-first) becomes a request's dr
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,14 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.medusa import MedusaProposer
 
 from vllm_medusa.core.checkpoint import load_heads, read_tree_file
+from vllm_medusa.core.draft_budget import NodeAcceptance, StepCostModel, choose_num_nodes
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
 
-logger = init_logger(__name__)
+# Under vLLM's logger, so that messages reach its handler and format.
+logger = init_logger(f"vllm.{__name__}")
+BUDGET_LOG_EVERY = 1000  # steps between draft-budget summaries in the log
 
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it decode greedily
 
@@ -88,12 +92,81 @@ class TreeMedusaProposer(MedusaProposer):
         # the nodes before it (root, first child, chains); only the others need a tree mask.
         n = self.tree.num_nodes + 1
         self._causal_exact = np.array([self.ancestor_mask_np[j, : j + 1].all() for j in range(n)])
+        # Cost-aware draft budget (draft_budget="auto"): the cost table is measured once the
+        # engine's KV cache exists (calibrate_step_cost); until then the whole tree is drafted.
+        self.node_acceptance = NodeAcceptance(self.tree.num_nodes)
+        self.step_cost: StepCostModel | None = None
+        self._node_ids = np.arange(1, self.tree.num_nodes + 1)
+        self._budget_choices = np.zeros(self.tree.num_nodes + 1, dtype=np.int64)
         logger.info(
-            "Medusa tree: %d nodes (per depth %s), top-%d, from %s",
+            "Medusa tree: %d nodes (per depth %s), top-%d, from %s; draft budget %s",
             self.tree.num_nodes,
             self.tree.nodes_per_depth(),
             self.tree.top_k,
             self.options.tree or "heads folder / default chain",
+            self.options.draft_budget,
+        )
+
+    # ---- draft budget -------------------------------------------------------------------
+
+    def nodes_for_step(self, num_drafting: int, num_other: int) -> int:
+        """How many tree nodes (breadth-first prefix) the drafting requests get this step."""
+        if self.options.draft_budget == "full" or self.step_cost is None:
+            return self.tree.num_nodes
+        n = choose_num_nodes(
+            num_drafting, num_other, self.node_acceptance.probabilities, self.step_cost
+        )
+        self._budget_choices[n] += 1
+        if self._budget_choices.sum() >= BUDGET_LOG_EVERY:
+            logger.info(
+                "Medusa draft budget: nodes drafted per step over the last %d steps %s; "
+                "node acceptance %s",
+                BUDGET_LOG_EVERY,
+                {k: int(c) for k, c in enumerate(self._budget_choices) if c},
+                np.round(self.node_acceptance.probabilities, 3).tolist(),
+            )
+            self._budget_choices[:] = 0
+        return n
+
+    def record_acceptance(self, num_draft: np.ndarray, accepted_nodes: np.ndarray) -> None:
+        """Feed one verification step back: drafted node counts ``[B]``, accepted node ids
+        ``[B, D]`` (1-based tree nodes, -1 where nothing was accepted)."""
+        proposed = (self._node_ids[None, :] <= num_draft[:, None]).sum(axis=0)
+        accepted = np.bincount(
+            accepted_nodes[accepted_nodes > 0] - 1, minlength=self.tree.num_nodes
+        )
+        self.node_acceptance.update(proposed, accepted)
+
+    @torch.inference_mode()
+    def calibrate_step_cost(self, runner, max_tokens: int = 256) -> None:
+        """Time the model's forward pass plus LM head at a few token counts.
+
+        Attention is skipped by vLLM's dummy runs, so the table slightly under-states the cost
+        of long contexts; beyond ``max_tokens`` it is extrapolated linearly (compute bound).
+        """
+        if self.options.draft_budget != "auto":
+            return
+        sched = runner.scheduler_config
+        limit = min(
+            runner.max_num_tokens, sched.max_num_seqs * (self.tree.num_nodes + 1), max_tokens
+        )
+        grid = sorted({1, 2, *[2**i for i in range(2, 16) if 2**i < limit], max(limit, 2)})
+        sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+        seconds = []
+        for num_tokens in grid:
+            times = []
+            for _ in range(3 if num_tokens <= 64 else 2):  # the first run warms up
+                sync()
+                start = time.perf_counter()
+                hidden, _ = runner._dummy_run(num_tokens)
+                runner.model.compute_logits(hidden[:num_tokens])
+                sync()
+                times.append(time.perf_counter() - start)
+            seconds.append(min(times[1:]))
+        self.step_cost = StepCostModel(grid, seconds)
+        logger.info(
+            "Medusa draft budget: step cost (ms) by tokens %s",
+            {t: round(s * 1e3, 1) for t, s in zip(grid, seconds, strict=True)},
         )
 
     def rows_to_fix(self, num_nodes: int) -> np.ndarray:

@@ -9,7 +9,9 @@ Each wrapper defers to vLLM's own method unless the runner's drafter is a
 - ``GPUModelRunner._sample``: longest-path greedy acceptance over each request's tree instead
   of the chain rejection sampler, then KV compaction of the accepted nodes.
 - ``GPUModelRunner.propose_draft_token_ids``: heads read the hidden state of the last accepted
-  node (not the chain's last row) and fill the tree.
+  node (not the chain's last row) and fill the tree; the draft budget picks how much of it.
+- ``Worker.compile_or_warm_up_model`` (and the CPU worker's override): afterwards, the
+  proposer times forward passes for the draft budget's step-cost table.
 
 The scheduler needs no patch: it already takes per-request draft lists of any length, rolls
 ``num_computed_tokens`` back by the number of rejected drafts (correct once the accepted
@@ -202,6 +204,9 @@ def _wrap_sample(original):
         self.input_batch.update_async_output_token_ids()
 
         num_acc, nodes, tokens, last, first_row = tree_accept_greedy(logits, spec_md, drafter)
+        drafter.record_acceptance(
+            np.asarray(spec_md.num_draft_tokens, dtype=np.int64), nodes.cpu().numpy()
+        )
         bonus_rows = first_row + last
         # The bonus token goes through vLLM's sampler: requests without drafts (sampling,
         # penalties, ...) are sampled exactly as plain decoding would sample them.
@@ -274,13 +279,15 @@ def _wrap_propose(original):
             for i, req_id in enumerate(self.input_batch.req_ids[:b])
             if sampled_token_ids[i] and request_can_speculate(self.requests[req_id].sampling_params)
         ]
-        if not eligible:
+        num_nodes = drafter.nodes_for_step(len(eligible), b - len(eligible)) if eligible else 0
+        if num_nodes == 0:
             return drafts
         if spec_decode_metadata is None:
             rows = torch.tensor(eligible, device=sample_hidden_states.device)
         else:
             rows = self._vllm_medusa_last_rows[eligible]
-        tree_tokens = drafter.propose_tree(sample_hidden_states[rows]).tolist()
+        # A breadth-first prefix of the tree is a tree (every node's parent comes before it).
+        tree_tokens = drafter.propose_tree(sample_hidden_states[rows])[:, :num_nodes].tolist()
         for i, tokens in zip(eligible, tree_tokens, strict=True):
             drafts[i] = tokens
         return drafts
@@ -289,10 +296,39 @@ def _wrap_propose(original):
     return propose_draft_token_ids
 
 
+def _wrap_compile_or_warm_up(original):
+    @functools.wraps(original)
+    def compile_or_warm_up_model(self):
+        result = original(self)
+        drafter = _tree_drafter(self.model_runner)
+        if drafter is not None:
+            drafter.calibrate_step_cost(self.model_runner)
+        return result
+
+    compile_or_warm_up_model.__vllm_medusa_patch__ = True
+    return compile_or_warm_up_model
+
+
+def _patch_workers() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.worker import gpu_worker
+
+    workers = [gpu_worker.Worker]
+    if current_platform.is_cpu():
+        from vllm.v1.worker import cpu_worker
+
+        workers.append(cpu_worker.CPUWorker)
+    for cls in workers:
+        # Only where the class defines the method itself (the CPU worker overrides it).
+        if "compile_or_warm_up_model" in cls.__dict__:
+            cls.compile_or_warm_up_model = _wrap_compile_or_warm_up(cls.compile_or_warm_up_model)
+
+
 def patch_model_runner() -> None:
     """Install the runner patches once per process."""
     if getattr(GPUModelRunner._sample, "__vllm_medusa_patch__", False):
         return
+    _patch_workers()
     gpu_model_runner.MedusaProposer = TreeMedusaProposer
     GPUModelRunner._prepare_inputs = _wrap_prepare_inputs(GPUModelRunner._prepare_inputs)
     GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)

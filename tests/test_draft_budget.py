@@ -1,0 +1,92 @@
+"""The cost-aware draft budget: step-cost interpolation, acceptance estimates, node choice."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from vllm_medusa.core.draft_budget import NodeAcceptance, StepCostModel, choose_num_nodes
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    cost = StepCostModel([1, 2, 4, 8], [1.0, 1.0, 2.0, 4.0])
+    assert cost(1) == pytest.approx(1.0)
+    assert cost(3) == pytest.approx(1.5)
+    assert cost(16) == pytest.approx(8.0)  # slope of the last segment: 0.5 s/token
+    assert np.allclose(cost([2, 6]), [1.0, 3.0])
+
+
+def test_cost_model_is_monotone_despite_noise():
+    cost = StepCostModel([1, 2, 4], [1.0, 0.9, 2.0])
+    assert cost(2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "seconds", "message"),
+    [
+        ([1], [1.0], "at least two"),
+        ([2, 1], [1.0, 2.0], "increase strictly"),
+        ([1, 2], [1.0, 0.0], "positive"),
+    ],
+)
+def test_cost_model_rejects_bad_measurements(tokens, seconds, message):
+    with pytest.raises(ValueError, match=message):
+        StepCostModel(tokens, seconds)
+
+
+def test_free_verification_drafts_the_whole_tree():
+    cost = StepCostModel([1, 1024], [1.0, 1.0])  # flat: any token count costs the same
+    assert choose_num_nodes(4, 0, np.full(8, 0.05), cost) == 8
+
+
+def test_linear_cost_with_weak_heads_decodes_plainly():
+    cost = StepCostModel([1, 1024], [1.0, 1024.0])  # compute bound: cost per token
+    assert choose_num_nodes(16, 3, np.array([0.5, 0.2, 0.1]), cost) == 0
+
+
+def test_choice_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        grid = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256])
+        secs = np.cumsum(rng.uniform(0.01, 1.0, len(grid)))
+        cost = StepCostModel(grid, secs)
+        p = np.sort(rng.uniform(0, 1, rng.integers(1, 10)))[::-1]
+        b, o = int(rng.integers(0, 8)), int(rng.integers(0, 8))
+        best, best_rate = 0, -1.0
+        for n in range(len(p) + 1):
+            if b == 0 and n > 0:
+                break
+            tokens = b * (1 + p[:n].sum()) + o
+            rate = tokens / float(cost(o + b * (1 + n)))
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = n, rate
+        assert choose_num_nodes(b, o, p, cost) == best
+
+
+def test_max_nodes_caps_the_choice():
+    cost = StepCostModel([1, 1024], [1.0, 1.0])
+    assert choose_num_nodes(2, 0, np.full(8, 0.5), cost, max_nodes=3) == 3
+
+
+def test_acceptance_starts_at_prior_and_learns():
+    acc = NodeAcceptance(3, prior=1.0, prior_weight=4.0, decay=1.0)
+    assert np.allclose(acc.probabilities, 1.0)
+    for _ in range(96):
+        acc.update(np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.25, 0.0]))
+    assert np.allclose(acc.probabilities, [(4 + 48) / 100, (4 + 24) / 100, 4 / 100])
+
+
+def test_acceptance_decay_follows_recent_traffic():
+    acc = NodeAcceptance(1, prior=0.0, decay=0.9)
+    for accepted in itertools.chain([1.0] * 100, [0.0] * 100):
+        acc.update(np.array([1.0]), np.array([accepted]))
+    assert acc.probabilities[0] < 0.01
+
+
+def test_acceptance_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="decay"):
+        NodeAcceptance(2, decay=0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        NodeAcceptance(2, prior=[0.5, 1.5])
