@@ -46,6 +46,13 @@ def test_linear_cost_with_weak_heads_decodes_plainly():
     assert choose_num_nodes(16, 3, np.array([0.5, 0.2, 0.1]), cost) == 0
 
 
+def test_drafting_cost_can_outweigh_acceptance():
+    cost = StepCostModel([1, 1024], [1.0, 1.0])  # verification is free...
+    p = np.array([0.2])
+    assert choose_num_nodes(1, 0, p, cost, draft_seconds=0.1) == 1
+    assert choose_num_nodes(1, 0, p, cost, draft_seconds=0.3) == 0  # ...drafting is not
+
+
 def test_choice_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -54,15 +61,16 @@ def test_choice_matches_brute_force():
         cost = StepCostModel(grid, secs)
         p = np.sort(rng.uniform(0, 1, rng.integers(1, 10)))[::-1]
         b, o = int(rng.integers(0, 8)), int(rng.integers(0, 8))
+        draft = float(rng.uniform(0, 0.5))
         best, best_rate = 0, -1.0
         for n in range(len(p) + 1):
             if b == 0 and n > 0:
                 break
             tokens = b * (1 + p[:n].sum()) + o
-            rate = tokens / float(cost(o + b * (1 + n)))
+            rate = tokens / (float(cost(o + b * (1 + n))) + (draft if n else 0.0))
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = n, rate
-        assert choose_num_nodes(b, o, p, cost) == best
+        assert choose_num_nodes(b, o, p, cost, draft_seconds=draft) == best
 
 
 def test_max_nodes_caps_the_choice():

@@ -8,11 +8,12 @@ decoding. The policy here picks, per step, the number ``n`` of tree nodes (a bre
 prefix of the tree, so always a valid tree; ``n = 0`` is plain decoding) that maximises the
 expected tokens per second::
 
-    rate(n) = (B * (1 + sum_{m <= n} p_m) + O) / cost(O + B * (1 + n))
+    rate(n) = (B * (1 + sum_{m <= n} p_m) + O) / (cost(O + B * (1 + n)) + [n > 0] * draft(B))
 
 with ``B`` requests that may draft, ``O`` other requests (one token each), ``p_m`` the
-probability that tree node ``m`` is on the accepted path, and ``cost(T)`` the measured time of a
-forward pass plus LM head over ``T`` tokens.
+probability that tree node ``m`` is on the accepted path, ``cost(T)`` the measured time of a
+forward pass plus LM head over ``T`` tokens and ``draft(B)`` that of running the heads and
+filling the tree for ``B`` requests (skipped when nothing is drafted).
 
 For greedy acceptance the accepted nodes form one path (siblings carry distinct tokens, and at
 most one of them equals the parent's argmax), and whether node ``m`` is accepted does not depend
@@ -104,8 +105,13 @@ def choose_num_nodes(
     node_probabilities: np.ndarray,
     cost: StepCostModel,
     max_nodes: int | None = None,
+    draft_seconds: float = 0.0,
 ) -> int:
-    """The breadth-first tree prefix length (0 = no drafts) with the best expected rate."""
+    """The breadth-first tree prefix length (0 = no drafts) with the best expected rate.
+
+    ``draft_seconds``: the cost of drafting for the ``num_drafting`` requests, paid only when
+    ``n > 0``.
+    """
     p = np.asarray(node_probabilities, dtype=np.float64)
     if max_nodes is not None:
         p = p[:max_nodes]
@@ -113,7 +119,7 @@ def choose_num_nodes(
         return 0
     n = np.arange(len(p) + 1)
     expected_tokens = num_drafting * (1.0 + np.concatenate([[0.0], np.cumsum(p)])) + num_other
-    seconds = cost(num_other + num_drafting * (1 + n))
+    seconds = cost(num_other + num_drafting * (1 + n)) + np.where(n > 0, draft_seconds, 0.0)
     rate = expected_tokens / seconds
     # Ties (and noise-level gains) go to fewer nodes: cheaper and never worse.
     return int(np.argmax(rate >= rate.max() * (1 - 1e-9)))

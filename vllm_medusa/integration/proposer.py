@@ -60,6 +60,23 @@ def request_can_speculate(sampling_params) -> bool:
     return getattr(sp, "structured_outputs", None) is None
 
 
+def _token_grid(limit: int) -> list[int]:
+    """1, 2, 4, ... below ``limit``, then ``limit`` (at least two points)."""
+    return sorted({1, 2, *[2**i for i in range(2, 16) if 2**i < limit], max(limit, 2)})
+
+
+def _best_time(fn, arg: int, sync) -> float:
+    """Fastest of a few timed calls after one warm-up call (noise only adds time)."""
+    times = []
+    for _ in range(3 if arg <= 64 else 2):
+        sync()
+        start = time.perf_counter()
+        fn(arg)
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
 class TreeMedusaProposer(MedusaProposer):
     """Drafts a token tree per request from Medusa heads."""
 
@@ -96,6 +113,7 @@ class TreeMedusaProposer(MedusaProposer):
         # engine's KV cache exists (calibrate_step_cost); until then the whole tree is drafted.
         self.node_acceptance = NodeAcceptance(self.tree.num_nodes)
         self.step_cost: StepCostModel | None = None
+        self.draft_cost: StepCostModel | None = None  # heads + tree fill, by drafting requests
         self._node_ids = np.arange(1, self.tree.num_nodes + 1)
         self._budget_choices = np.zeros(self.tree.num_nodes + 1, dtype=np.int64)
         logger.info(
@@ -114,7 +132,11 @@ class TreeMedusaProposer(MedusaProposer):
         if self.options.draft_budget == "full" or self.step_cost is None:
             return self.tree.num_nodes
         n = choose_num_nodes(
-            num_drafting, num_other, self.node_acceptance.probabilities, self.step_cost
+            num_drafting,
+            num_other,
+            self.node_acceptance.probabilities,
+            self.step_cost,
+            draft_seconds=float(self.draft_cost(num_drafting)),
         )
         self._budget_choices[n] += 1
         if self._budget_choices.sum() >= BUDGET_LOG_EVERY:
@@ -150,23 +172,28 @@ class TreeMedusaProposer(MedusaProposer):
         limit = min(
             runner.max_num_tokens, sched.max_num_seqs * (self.tree.num_nodes + 1), max_tokens
         )
-        grid = sorted({1, 2, *[2**i for i in range(2, 16) if 2**i < limit], max(limit, 2)})
+        grid = _token_grid(limit)
         sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-        seconds = []
-        for num_tokens in grid:
-            times = []
-            for _ in range(3 if num_tokens <= 64 else 2):  # the first run warms up
-                sync()
-                start = time.perf_counter()
-                hidden, _ = runner._dummy_run(num_tokens)
-                runner.model.compute_logits(hidden[:num_tokens])
-                sync()
-                times.append(time.perf_counter() - start)
-            seconds.append(min(times[1:]))
-        self.step_cost = StepCostModel(grid, seconds)
+
+        def forward(num_tokens: int) -> None:
+            hidden, _ = runner._dummy_run(num_tokens)
+            runner.model.compute_logits(hidden[:num_tokens])
+
+        def draft(num_reqs: int) -> None:
+            self.propose_tree(
+                torch.zeros((num_reqs, self.hidden_size), dtype=self.dtype, device=self.device)
+            )
+
+        step = [_best_time(forward, t, sync) for t in grid]
+        self.step_cost = StepCostModel(grid, step)
+        draft_grid = _token_grid(min(sched.max_num_seqs, max_tokens))
+        self.draft_cost = StepCostModel(
+            draft_grid, [_best_time(draft, b, sync) for b in draft_grid]
+        )
         logger.info(
-            "Medusa draft budget: step cost (ms) by tokens %s",
-            {t: round(s * 1e3, 1) for t, s in zip(grid, seconds, strict=True)},
+            "Medusa draft budget: step cost (ms) by tokens %s; drafting cost (ms) by requests %s",
+            {t: round(x * 1e3, 1) for t, x in zip(grid, step, strict=True)},
+            {b: round(float(self.draft_cost(b)) * 1e3, 1) for b in draft_grid},
         )
 
     def rows_to_fix(self, num_nodes: int) -> np.ndarray:
