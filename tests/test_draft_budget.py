@@ -7,7 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_medusa.core.draft_budget import NodeAcceptance, StepCostModel, choose_num_nodes
+from vllm_medusa.core.draft_budget import (
+    NodeAcceptance,
+    StepCostModel,
+    VerifyOverhead,
+    choose_num_nodes,
+)
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -89,8 +94,23 @@ def test_acceptance_starts_at_prior_and_learns():
 def test_acceptance_decay_follows_recent_traffic():
     acc = NodeAcceptance(1, prior=0.0, decay=0.9)
     for accepted in itertools.chain([1.0] * 100, [0.0] * 100):
+        acc.forget()
         acc.update(np.array([1.0]), np.array([accepted]))
     assert acc.probabilities[0] < 0.01
+
+
+def test_acceptance_forgets_back_to_the_prior_when_nothing_is_drafted():
+    # An engine that stopped drafting re-tests its heads later: observations fade, the
+    # optimistic prior stays.
+    acc = NodeAcceptance(1, prior=1.0, prior_weight=4.0, decay=0.99)
+    for _ in range(500):
+        acc.forget()
+        acc.update(np.array([1.0]), np.array([0.0]))
+    low = acc.probabilities[0]
+    assert low < 0.05
+    for _ in range(1000):  # steps without drafts: forget only
+        acc.forget()
+    assert acc.probabilities[0] > 0.9 > low
 
 
 def test_acceptance_rejects_bad_arguments():
@@ -98,3 +118,60 @@ def test_acceptance_rejects_bad_arguments():
         NodeAcceptance(2, decay=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         NodeAcceptance(2, prior=[0.5, 1.5])
+    with pytest.raises(ValueError, match="prior_weight"):
+        NodeAcceptance(2, prior_weight=0.0)
+
+
+def test_per_prefix_draft_seconds():
+    cost = StepCostModel([1, 1024], [1.0, 1.0])
+    p = np.array([0.5, 0.4, 0.3])
+    # Cheap first node, expensive deeper ones: stop after the first.
+    assert choose_num_nodes(1, 0, p, cost, draft_seconds=np.array([0.0, 0.1, 5.0, 5.0])) == 1
+    assert choose_num_nodes(1, 0, p, cost, draft_seconds=np.zeros(4)) == 3
+    # max_nodes truncates the per-prefix costs with the probabilities.
+    assert choose_num_nodes(1, 0, p, cost, max_nodes=2, draft_seconds=np.zeros(4)) == 2
+    with pytest.raises(ValueError, match="one value per prefix"):
+        choose_num_nodes(1, 0, p, cost, draft_seconds=np.zeros(2))
+
+
+def test_verify_overhead_recovers_a_linear_cost():
+    rng = np.random.default_rng(1)
+    model = VerifyOverhead(decay=1.0, ridge=1e-6)
+    r0, r1, a, c = 0.002, 0.0005, 0.004, 0.0007
+    for _ in range(400):
+        reqs = int(rng.integers(1, 17))
+        verifying = int(rng.integers(0, reqs + 1))
+        nodes = int(rng.integers(1, 9))
+        residual = r0 + r1 * reqs + a * verifying + c * verifying * nodes
+        model.observe(reqs, verifying, verifying * nodes, residual + rng.normal(0, 1e-5))
+    assert model.coef == pytest.approx([r0, r1, a, c], abs=2e-5)
+    assert model.extra_seconds(4, np.array([0, 2])) == pytest.approx([0.0, 4 * a + 8 * c], abs=2e-4)
+
+
+def test_verify_overhead_trusts_the_table_until_it_sees_verification():
+    model = VerifyOverhead()
+    for _ in range(200):  # plain decode steps only: nothing learnt about drafting
+        model.observe(8, 0, 0, 0.003)
+    assert np.all(model.extra_seconds(8, np.arange(5)) == 0.0)
+    # Verification steps that take 10 ms longer than the table make drafting look dearer.
+    for _ in range(200):
+        model.observe(8, 0, 0, 0.003)
+        model.observe(8, 8, 8, 0.013)
+    assert model.extra_seconds(8, np.array([1]))[0] == pytest.approx(0.010, rel=0.05)
+
+
+def test_verify_overhead_is_never_negative_and_fades():
+    model = VerifyOverhead(decay=0.9)
+    for _ in range(100):
+        model.observe(1, 0, 0, 0.005)
+        model.observe(1, 1, 1, 0.001)  # faster than plain: noise, not a discount
+    assert model.extra_seconds(1, np.array([1]))[0] == 0.0
+    slow = VerifyOverhead(decay=0.9)
+    for _ in range(100):
+        slow.observe(1, 0, 0, 0.001)
+        slow.observe(1, 1, 1, 0.011)
+    before = slow.extra_seconds(1, np.array([1]))[0]
+    for _ in range(100):  # steps without verification: the drafting terms fade to the ridge
+        slow.forget()
+        slow.observe(1, 0, 0, 0.001)
+    assert slow.extra_seconds(1, np.array([1]))[0] < 0.2 * before

@@ -71,6 +71,12 @@ def test_batched_matches_per_head_loop(num_heads, num_layers, shared):
     states = heads(x)
     assert states.shape == (num_heads, 7, H)
     torch.testing.assert_close(heads.compute_logits(states, base), got)
+    # the first heads alone (a shallow tree prefix) give the same logits as in the full run
+    for k in range(1, num_heads + 1):
+        first = heads.compute_logits(heads(x, num_heads=k), base if shared else None)
+        torch.testing.assert_close(first, got[:k])
+    with pytest.raises(ValueError, match="num_heads"):
+        heads(x, num_heads=num_heads + 1)
 
 
 def test_shared_lm_head_requires_base():

@@ -329,6 +329,12 @@ def check_buffers(paths) -> None:
         assert filled.shape == (3, n - 1)
         expected = [[int(cands[b, len(p) - 1, p[-1]]) for p in nodes[1:]] for b in range(3)]
         assert filled.tolist() == expected
+        # A breadth-first prefix needs only the heads down to its depth.
+        for m in range(n):
+            depth = max((len(p) for p in nodes[1 : m + 1]), default=0)
+            assert buf.depth_of_prefix(m) == depth
+            prefix = buf.fill(cands[:, : max(depth, 1)], num_nodes=m)
+            assert prefix.tolist() == [row[:m] for row in expected]
 
     # every prefix of the node list is a valid tree, equal to truncated(m)
     for m in range(1, n):
@@ -376,3 +382,9 @@ def test_fill_errors():
         buf.fill(torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, K, k\]"):
         buf.fill(torch.zeros(3, 3, dtype=torch.long))
+    # the first 3 nodes reach depth 2: two heads are enough, one is not
+    assert buf.fill(torch.zeros(1, 2, 3, dtype=torch.long), num_nodes=3).shape == (1, 3)
+    with pytest.raises(ValueError, match="first 3 tree nodes reach depth 2"):
+        buf.fill(torch.zeros(1, 1, 3, dtype=torch.long), num_nodes=3)
+    with pytest.raises(ValueError, match="num_nodes"):
+        buf.fill(torch.zeros(1, 3, 3, dtype=torch.long), num_nodes=5)

@@ -152,6 +152,34 @@ def test_draft_budget_keeps_drafting_heads_that_are_accepted(
     assert medusa["spec"]["tau"] > 3.0, medusa["spec"]
 
 
+def test_draft_budget_stops_drafting_heads_that_are_never_accepted(
+    tmp_path, smollm2_dir, oracle_plain
+):
+    """Identity heads (zero residual blocks over the shared LM head) re-predict the token just
+    emitted, which the text almost never repeats: the default budget stops drafting after its
+    optimistic start, re-testing the heads only now and then; output stays identical."""
+    import json
+
+    from vllm_medusa.core.checkpoint import save_heads
+    from vllm_medusa.core.heads import MedusaConfig, MedusaHeads
+
+    base = json.loads((smollm2_dir / "config.json").read_text())
+    config = MedusaConfig(
+        hidden_size=base["hidden_size"],
+        vocab_size=base["vocab_size"],
+        num_heads=4,
+        shared_lm_head=True,
+    )
+    heads = save_heads(MedusaHeads(config), tmp_path / "identity-heads")
+    medusa = _medusa(tmp_path, "budget-idle", smollm2_dir, ORACLE_JOB, heads, "chain-4", options={})
+    assert medusa["token_ids"] == oracle_plain["token_ids"]
+    spec = medusa["spec"]
+    decode_steps = sum(len(t) for t in oracle_plain["token_ids"])  # an upper bound
+    assert spec is not None and spec["num_drafts"] > 0, "the budget never tried the heads"
+    assert spec["num_drafts"] < 0.3 * decode_steps, (spec, decode_steps)
+    print(f"identity heads: {spec['num_drafts']} drafting steps of ~{decode_steps}: {spec}")
+
+
 def test_stops_inside_accepted_paths(tmp_path, smollm2_dir, oracle_heads, oracle_plain):
     """max_tokens, stop strings and stop tokens landing mid-path end exactly like plain."""
     from transformers import AutoTokenizer

@@ -8,20 +8,24 @@ decoding. The policy here picks, per step, the number ``n`` of tree nodes (a bre
 prefix of the tree, so always a valid tree; ``n = 0`` is plain decoding) that maximises the
 expected tokens per second::
 
-    rate(n) = (B * (1 + sum_{m <= n} p_m) + O) / (cost(O + B * (1 + n)) + [n > 0] * draft(B))
+    rate(n) = (B * (1 + sum_{m <= n} p_m) + O)
+              / (cost(O + B * (1 + n)) + [n > 0] * (draft(B, depth(n)) + extra(B, n)))
 
 with ``B`` requests that may draft, ``O`` other requests (one token each), ``p_m`` the
 probability that tree node ``m`` is on the accepted path, ``cost(T)`` the measured time of a
-forward pass plus LM head over ``T`` tokens and ``draft(B)`` that of running the heads and
-filling the tree for ``B`` requests (skipped when nothing is drafted).
+forward pass plus LM head over ``T`` tokens, ``draft(B, d)`` that of running the first ``d``
+heads and filling the tree for ``B`` requests (skipped when nothing is drafted) and
+``extra(B, n)`` the measured overhead of verification beyond the table.
 
 For greedy acceptance the accepted nodes form one path (siblings carry distinct tokens, and at
 most one of them equals the parent's argmax), and whether node ``m`` is accepted does not depend
 on which other nodes were drafted, so the expected accepted length of any ancestor-closed subset
 of the tree is the sum of its nodes' ``p_m``.
 
-Pure PyTorch/NumPy: no vLLM here. The vLLM integration measures ``cost`` at engine start and
-feeds acceptance counts back after every verification step.
+Pure PyTorch/NumPy: no vLLM here. The vLLM integration measures ``cost`` and ``draft`` at
+engine start, feeds acceptance counts back after every verification step, and feeds every
+decode step's measured time back to :class:`VerifyOverhead`, which learns what the table
+leaves out (attention over the context, tree fix-up, KV compaction, bookkeeping).
 """
 
 from __future__ import annotations
@@ -66,9 +70,12 @@ class StepCostModel:
 class NodeAcceptance:
     """Running estimate of ``p_m``, the probability that tree node ``m`` is accepted.
 
-    Counts decay geometrically (``decay`` per update) so the estimate follows the traffic.
-    Each node starts with ``prior_weight`` pseudo-observations at ``prior``: optimistic by
-    default, so that a fresh engine drafts and learns instead of never trying.
+    Observations fade by ``decay`` every step (:meth:`forget`), drafting or not, so the
+    estimate follows the traffic. Each node also holds ``prior_weight`` pseudo-observations
+    at ``prior`` that never fade: optimistic by default, so that a fresh engine drafts and
+    learns, and so that an engine that stopped drafting (its observations fading back to the
+    prior) tries again now and then instead of never re-testing heads that may have become
+    useful for the current traffic.
     """
 
     def __init__(
@@ -82,21 +89,81 @@ class NodeAcceptance:
             raise ValueError("a tree has at least one node")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if prior_weight <= 0:
+            raise ValueError(f"prior_weight must be positive, got {prior_weight}")
         prior_arr = np.broadcast_to(np.asarray(prior, dtype=np.float64), (num_nodes,)).copy()
         if np.any((prior_arr < 0) | (prior_arr > 1)):
             raise ValueError("prior acceptance probabilities must lie in [0, 1]")
         self.decay = decay
-        self.proposed = np.full(num_nodes, prior_weight, dtype=np.float64)
-        self.accepted = prior_arr * prior_weight
+        self.prior_proposed = prior_weight
+        self.prior_accepted = prior_arr * prior_weight
+        self.proposed = np.zeros(num_nodes, dtype=np.float64)
+        self.accepted = np.zeros(num_nodes, dtype=np.float64)
+
+    def forget(self) -> None:
+        """One step passed: observations fade."""
+        self.proposed *= self.decay
+        self.accepted *= self.decay
 
     def update(self, proposed: np.ndarray, accepted: np.ndarray) -> None:
         """Add one verification step: per node, how many requests drafted / accepted it."""
-        self.proposed = self.proposed * self.decay + proposed
-        self.accepted = self.accepted * self.decay + accepted
+        self.proposed += proposed
+        self.accepted += accepted
 
     @property
     def probabilities(self) -> np.ndarray:
-        return self.accepted / np.maximum(self.proposed, 1e-9)
+        return (self.accepted + self.prior_accepted) / (self.proposed + self.prior_proposed)
+
+
+class VerifyOverhead:
+    """What a step costs beyond the cost table, learned online from measured step times.
+
+    The table times the forward pass and LM head (and, separately, the heads); a real step
+    also spends time on attention over the context, the tree attention fix-up, acceptance,
+    KV compaction and the runner's bookkeeping. The residual of each measured decode step
+    (measured - table) is fitted by exponentially weighted least squares::
+
+        residual = r0 + r1 * R + a * B + c * D
+
+    with ``R`` requests in the step, ``B`` of them verifying drafts, ``D`` draft tokens.
+    ``a * B + c * B * n`` is then the extra time of drafting ``n`` nodes for ``B`` requests.
+    A ridge pulls ``a`` and ``c`` towards 0, so that with few verifying steps (a new engine,
+    or one that stopped drafting long ago) the table's own estimate is trusted.
+    """
+
+    def __init__(self, decay: float = 0.995, ridge: float = 1.0):
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self.decay = decay
+        # Tiny ridge on r0, r1 (always observed), a real one on the drafting terms.
+        self.ridge = np.diag([1e-6, 1e-6, ridge, ridge])
+        self.xtx = np.zeros((4, 4))
+        self.xty = np.zeros(4)
+        self.coef = np.zeros(4)
+        self.num_verify_steps = 0.0
+
+    def forget(self) -> None:
+        self.xtx *= self.decay
+        self.xty *= self.decay
+        self.num_verify_steps *= self.decay
+
+    def observe(
+        self, num_requests: int, num_verifying: int, num_draft_tokens: int, residual: float
+    ) -> None:
+        x = np.array([1.0, num_requests, num_verifying, num_draft_tokens])
+        self.xtx += np.outer(x, x)
+        self.xty += x * residual
+        if num_verifying:
+            self.num_verify_steps += 1
+        self.coef = np.linalg.solve(self.xtx + self.ridge, self.xty)
+
+    def extra_seconds(self, num_drafting: int, num_nodes: np.ndarray) -> np.ndarray:
+        """Extra time of a step in which ``num_drafting`` requests verify ``num_nodes`` nodes
+        each (0 for ``num_nodes == 0``; never negative: noise must not make drafting look
+        cheaper than the table)."""
+        n = np.asarray(num_nodes, dtype=np.float64)
+        extra = self.coef[2] * num_drafting + self.coef[3] * num_drafting * n
+        return np.where(n > 0, np.maximum(extra, 0.0), 0.0)
 
 
 def choose_num_nodes(
@@ -105,12 +172,13 @@ def choose_num_nodes(
     node_probabilities: np.ndarray,
     cost: StepCostModel,
     max_nodes: int | None = None,
-    draft_seconds: float = 0.0,
+    draft_seconds: float | np.ndarray = 0.0,
 ) -> int:
     """The breadth-first tree prefix length (0 = no drafts) with the best expected rate.
 
-    ``draft_seconds``: the cost of drafting for the ``num_drafting`` requests, paid only when
-    ``n > 0``.
+    ``draft_seconds``: time a step spends on drafting beyond the forward pass, paid only when
+    ``n > 0``: one number, or one per prefix length ``n = 0 .. N`` (drafting a deeper prefix
+    runs more heads; verifying more nodes costs more attention and bookkeeping).
     """
     p = np.asarray(node_probabilities, dtype=np.float64)
     if max_nodes is not None:
@@ -118,8 +186,12 @@ def choose_num_nodes(
     if num_drafting <= 0 or len(p) == 0:
         return 0
     n = np.arange(len(p) + 1)
+    extra = np.asarray(draft_seconds, dtype=np.float64)
+    extra = extra[: len(n)] if extra.ndim else np.full(len(n), float(extra))
+    if extra.shape != n.shape:
+        raise ValueError(f"draft_seconds needs one value per prefix length 0..{len(p)}")
     expected_tokens = num_drafting * (1.0 + np.concatenate([[0.0], np.cumsum(p)])) + num_other
-    seconds = cost(num_other + num_drafting * (1 + n)) + np.where(n > 0, draft_seconds, 0.0)
+    seconds = cost(num_other + num_drafting * (1 + n)) + np.where(n > 0, extra, 0.0)
     rate = expected_tokens / seconds
     # Ties (and noise-level gains) go to fewer nodes: cheaper and never worse.
     return int(np.argmax(rate >= rate.max() * (1 - 1e-9)))

@@ -111,8 +111,9 @@ class MedusaHeads(nn.Module):
                 base_lm_head_weight.unsqueeze(0).expand_as(self.lm_head_weight)
             )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Residual blocks of every head: ``[N, H]`` -> ``[K, N, H]``."""
+    def forward(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """Residual blocks of the first ``num_heads`` heads (default all K): ``[N, H]`` ->
+        ``[num_heads, N, H]``. A shallow tree prefix needs only the first heads."""
         if hidden_states.dim() != 2:
             raise ValueError(
                 f"hidden states must be [N, H] (tokens, hidden), got {tuple(hidden_states.shape)}"
@@ -122,11 +123,14 @@ class MedusaHeads(nn.Module):
                 f"hidden states have size {hidden_states.shape[-1]}, "
                 f"heads expect {self.config.hidden_size}"
             )
+        k = self.config.num_heads if num_heads is None else num_heads
+        if not 1 <= k <= self.config.num_heads:
+            raise ValueError(f"num_heads must be in [1, {self.config.num_heads}], got {num_heads}")
         x = hidden_states.to(self.block_weight.dtype).unsqueeze(0)
-        x = x.expand(self.config.num_heads, *hidden_states.shape)
+        x = x.expand(k, *hidden_states.shape)
         for layer in range(self.config.num_layers):
-            w = self.block_weight[:, layer]  # [K, H, H], rows = output features
-            b = self.block_bias[:, layer].unsqueeze(1)  # [K, 1, H]
+            w = self.block_weight[:k, layer]  # [k, H, H], rows = output features
+            b = self.block_bias[:k, layer].unsqueeze(1)  # [k, 1, H]
             x = x + F.silu(torch.baddbmm(b, x, w.transpose(1, 2)))
         return x
 
@@ -143,9 +147,11 @@ class MedusaHeads(nn.Module):
         head_states: torch.Tensor,
         base_lm_head_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Vocabulary logits from the block outputs ``[K, N, H]`` -> ``[K, N, V]``."""
+        """Vocabulary logits from the block outputs of the first heads ``[k, N, H]`` ->
+        ``[k, N, V]``."""
         if self.lm_head_weight is not None:
-            return torch.bmm(head_states, self.lm_head_weight.transpose(1, 2))
+            weight = self.lm_head_weight[: head_states.shape[0]]
+            return torch.bmm(head_states, weight.transpose(1, 2))
         if base_lm_head_weight is None:
             raise ValueError("these heads share the base model's LM head: pass base_lm_head_weight")
         k, n, h = head_states.shape

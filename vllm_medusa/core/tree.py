@@ -246,19 +246,33 @@ class TreeBuffers:
             top_k=top_k,
         )
 
-    def fill(self, candidates: torch.Tensor) -> torch.Tensor:
-        """Tree node tokens from head candidates ``[B, K, k]`` (k >= top_k) -> ``[B, N]``."""
+    def fill(self, candidates: torch.Tensor, num_nodes: int | None = None) -> torch.Tensor:
+        """Tree node tokens from head candidates ``[B, K, k]`` (k >= top_k) -> ``[B, N]``.
+
+        ``num_nodes``: fill only the first ``n`` nodes (a breadth-first prefix, itself a tree);
+        then only the heads down to node ``n``'s depth are needed.
+        """
         if candidates.dim() != 3:
             raise ValueError(
                 f"candidates must be [B, K, k] (batch, heads, top-k), got {tuple(candidates.shape)}"
             )
+        num_tree_nodes = self.candidate_index.shape[0]
+        n = num_tree_nodes if num_nodes is None else num_nodes
+        if not 0 <= n <= num_tree_nodes:
+            raise ValueError(f"num_nodes must be in [0, {num_tree_nodes}], got {num_nodes}")
         b, k_heads, k = candidates.shape
         if k < self.top_k:
             raise ValueError(f"tree needs top-{self.top_k} candidates, got top-{k}")
-        depth = self.leaf_paths.shape[1] - 1
+        depth = self.depth_of_prefix(n)
         if k_heads < depth:
             raise ValueError(
-                f"tree has depth {depth} and needs candidates of {depth} heads, got {k_heads}"
+                f"the first {n} tree nodes reach depth {depth} and need candidates of "
+                f"{depth} heads, got {k_heads}"
             )
         flat = candidates[:, :, : self.top_k].reshape(b, k_heads * self.top_k)
-        return flat[:, self.candidate_index]
+        return flat[:, self.candidate_index[:n]]
+
+    def depth_of_prefix(self, num_nodes: int) -> int:
+        """Depth reached by the first ``num_nodes`` nodes (breadth-first order): the number
+        of heads that drafting them needs."""
+        return int(self.depths[: num_nodes + 1].max())

@@ -16,7 +16,12 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.medusa import MedusaProposer
 
 from vllm_medusa.core.checkpoint import load_heads, read_tree_file
-from vllm_medusa.core.draft_budget import NodeAcceptance, StepCostModel, choose_num_nodes
+from vllm_medusa.core.draft_budget import (
+    NodeAcceptance,
+    StepCostModel,
+    VerifyOverhead,
+    choose_num_nodes,
+)
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
@@ -109,13 +114,23 @@ class TreeMedusaProposer(MedusaProposer):
         # the nodes before it (root, first child, chains); only the others need a tree mask.
         n = self.tree.num_nodes + 1
         self._causal_exact = np.array([self.ancestor_mask_np[j, : j + 1].all() for j in range(n)])
-        # Cost-aware draft budget (draft_budget="auto"): the cost table is measured once the
+        # Cost-aware draft budget (draft_budget="auto"): the cost tables are measured once the
         # engine's KV cache exists (calibrate_step_cost); until then the whole tree is drafted.
         self.node_acceptance = NodeAcceptance(self.tree.num_nodes)
+        self.verify_overhead = VerifyOverhead()
         self.step_cost: StepCostModel | None = None
-        self.draft_cost: StepCostModel | None = None  # heads + tree fill, by drafting requests
+        # Heads + tree fill by drafting requests, for the first head only and for all the
+        # tree's heads (a shallow prefix runs fewer heads; interpolated by depth).
+        self.draft_cost_first_head: StepCostModel | None = None
+        self.draft_cost_all_heads: StepCostModel | None = None
+        self.prefix_depth = np.array(
+            [self.buffers.depth_of_prefix(n) for n in range(self.tree.num_nodes + 1)]
+        )
         self._node_ids = np.arange(1, self.tree.num_nodes + 1)
-        self._budget_choices = np.zeros(self.tree.num_nodes + 1, dtype=np.int64)
+        self._all_prefixes = np.arange(self.tree.num_nodes + 1)
+        self._step_start: float | None = None
+        self._drafted_this_step = (0, 0)  # (requests, nodes) drafted for the next step
+        self._stats = _BudgetStats(self.tree.num_nodes)
         logger.info(
             "Medusa tree: %d nodes (per depth %s), top-%d, from %s; draft budget %s",
             self.tree.num_nodes,
@@ -127,28 +142,52 @@ class TreeMedusaProposer(MedusaProposer):
 
     # ---- draft budget -------------------------------------------------------------------
 
+    def drafting_seconds(self, num_drafting: int, num_nodes: np.ndarray) -> np.ndarray:
+        """Predicted time of running the heads and filling the first ``num_nodes`` tree nodes
+        for ``num_drafting`` requests (0 for no nodes)."""
+        depth = self.prefix_depth[np.asarray(num_nodes)]
+        first = float(self.draft_cost_first_head(num_drafting))
+        full = float(self.draft_cost_all_heads(num_drafting))
+        deepest = max(self.tree.depth, 2)
+        return np.where(depth > 0, first + (full - first) * (depth - 1) / (deepest - 1), 0.0)
+
     def nodes_for_step(self, num_drafting: int, num_other: int) -> int:
         """How many tree nodes (breadth-first prefix) the drafting requests get this step."""
         if self.options.draft_budget == "full" or self.step_cost is None:
-            return self.tree.num_nodes
-        n = choose_num_nodes(
-            num_drafting,
-            num_other,
-            self.node_acceptance.probabilities,
-            self.step_cost,
-            draft_seconds=float(self.draft_cost(num_drafting)),
-        )
-        self._budget_choices[n] += 1
-        if self._budget_choices.sum() >= BUDGET_LOG_EVERY:
-            logger.info(
-                "Medusa draft budget: nodes drafted per step over the last %d steps %s; "
-                "node acceptance %s",
-                BUDGET_LOG_EVERY,
-                {k: int(c) for k, c in enumerate(self._budget_choices) if c},
-                np.round(self.node_acceptance.probabilities, 3).tolist(),
+            n = self.tree.num_nodes
+        else:
+            self.node_acceptance.forget()
+            self.verify_overhead.forget()
+            extra = self.drafting_seconds(num_drafting, self._all_prefixes)
+            extra = extra + self.verify_overhead.extra_seconds(num_drafting, self._all_prefixes)
+            n = choose_num_nodes(
+                num_drafting,
+                num_other,
+                self.node_acceptance.probabilities,
+                self.step_cost,
+                draft_seconds=extra,
             )
-            self._budget_choices[:] = 0
+            self._stats.choices[n] += 1
+            if self._stats.choices.sum() >= BUDGET_LOG_EVERY:
+                self._log_budget()
+        self._drafted_this_step = (num_drafting if n else 0, n)
         return n
+
+    def _log_budget(self) -> None:
+        stats = self._stats
+        logger.info(
+            "Medusa draft budget: nodes drafted per step over the last %d steps %s; node "
+            "acceptance %s; measured decode step %s ms with drafts to verify, %s ms without; "
+            "verification overhead beyond the cost table %.2f ms/request + %.3f ms/node",
+            int(stats.choices.sum()),
+            {k: int(c) for k, c in enumerate(stats.choices) if c},
+            np.round(self.node_acceptance.probabilities, 3).tolist(),
+            stats.mean_ms(verifying=True),
+            stats.mean_ms(verifying=False),
+            self.verify_overhead.coef[2] * 1e3,
+            self.verify_overhead.coef[3] * 1e3,
+        )
+        self._stats = _BudgetStats(self.tree.num_nodes)
 
     def record_acceptance(self, num_draft: np.ndarray, accepted_nodes: np.ndarray) -> None:
         """Feed one verification step back: drafted node counts ``[B]``, accepted node ids
@@ -158,6 +197,32 @@ class TreeMedusaProposer(MedusaProposer):
             accepted_nodes[accepted_nodes > 0] - 1, minlength=self.tree.num_nodes
         )
         self.node_acceptance.update(proposed, accepted)
+
+    def step_started(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def step_finished(self, num_tokens: int, num_draft_tokens: np.ndarray) -> None:
+        """A step ended (its drafts for the next step are made): learn from its duration.
+
+        ``num_tokens``: tokens the step computed; ``num_draft_tokens`` ``[R]``: draft tokens
+        each of its ``R`` requests verified. Only pure decode steps (each request computes
+        its last token plus its drafts) are used: a prefill's attention is not a decode cost.
+        """
+        start, self._step_start = self._step_start, None
+        (drafting_reqs, drafted_nodes), self._drafted_this_step = self._drafted_this_step, (0, 0)
+        if start is None or self.step_cost is None or self.options.draft_budget != "auto":
+            return
+        elapsed = time.perf_counter() - start
+        num_requests = len(num_draft_tokens)
+        draft_tokens = int(num_draft_tokens.sum())
+        if num_tokens != num_requests + draft_tokens or num_requests == 0:
+            return
+        predicted = float(self.step_cost(num_tokens))
+        if drafted_nodes:
+            predicted += float(self.drafting_seconds(drafting_reqs, np.array(drafted_nodes)))
+        verifying = int((num_draft_tokens > 0).sum())
+        self.verify_overhead.observe(num_requests, verifying, draft_tokens, elapsed - predicted)
+        self._stats.add(elapsed, verifying > 0)
 
     @torch.inference_mode()
     def calibrate_step_cost(self, runner, max_tokens: int = 256) -> None:
@@ -179,21 +244,34 @@ class TreeMedusaProposer(MedusaProposer):
             hidden, _ = runner._dummy_run(num_tokens)
             runner.model.compute_logits(hidden[:num_tokens])
 
-        def draft(num_reqs: int) -> None:
-            self.propose_tree(
-                torch.zeros((num_reqs, self.hidden_size), dtype=self.dtype, device=self.device)
-            )
+        def draft(depth: int):
+            # The shortest prefix that reaches ``depth`` runs ``depth`` heads.
+            num_nodes = int(np.searchsorted(self.prefix_depth, depth))
+
+            def run(num_reqs: int) -> None:
+                hidden = torch.zeros(
+                    (num_reqs, self.hidden_size), dtype=self.dtype, device=self.device
+                )
+                self.propose_tree(hidden, num_nodes)
+
+            return run
 
         step = [_best_time(forward, t, sync) for t in grid]
         self.step_cost = StepCostModel(grid, step)
         draft_grid = _token_grid(min(sched.max_num_seqs, max_tokens))
-        self.draft_cost = StepCostModel(
-            draft_grid, [_best_time(draft, b, sync) for b in draft_grid]
+        self.draft_cost_first_head = StepCostModel(
+            draft_grid, [_best_time(draft(1), b, sync) for b in draft_grid]
+        )
+        self.draft_cost_all_heads = StepCostModel(
+            draft_grid, [_best_time(draft(self.tree.depth), b, sync) for b in draft_grid]
         )
         logger.info(
-            "Medusa draft budget: step cost (ms) by tokens %s; drafting cost (ms) by requests %s",
+            "Medusa draft budget: step cost (ms) by tokens %s; drafting cost (ms) by requests, "
+            "first head %s, all %d heads %s",
             {t: round(x * 1e3, 1) for t, x in zip(grid, step, strict=True)},
-            {b: round(float(self.draft_cost(b)) * 1e3, 1) for b in draft_grid},
+            {b: round(float(self.draft_cost_first_head(b)) * 1e3, 1) for b in draft_grid},
+            self.tree.depth,
+            {b: round(float(self.draft_cost_all_heads(b)) * 1e3, 1) for b in draft_grid},
         )
 
     def rows_to_fix(self, num_nodes: int) -> np.ndarray:
@@ -213,17 +291,21 @@ class TreeMedusaProposer(MedusaProposer):
         self.heads = self.heads.to(self.device).eval()
 
     @torch.inference_mode()
-    def propose_tree(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Tree node tokens ``[B, N]`` from the hidden states ``[B, H]`` of the roots."""
-        head_states = self.heads(hidden_states)  # [K, B, H]
+    def propose_tree(
+        self, hidden_states: torch.Tensor, num_nodes: int | None = None
+    ) -> torch.Tensor:
+        """Tokens of the first ``num_nodes`` tree nodes (default all) ``[B, n]`` from the
+        hidden states ``[B, H]`` of the roots; only the heads those nodes need run."""
+        n = self.tree.num_nodes if num_nodes is None else num_nodes
+        head_states = self.heads(hidden_states, num_heads=int(self.prefix_depth[n]))
         if self.heads.config.shared_lm_head:
             k, b, h = head_states.shape
             logits = self.base_compute_logits(head_states.reshape(k * b, h))
             logits = logits[:, : self.vocab_size].view(k, b, -1)
         else:
             logits = self.heads.compute_logits(head_states)
-        top = logits.topk(self.tree.top_k, dim=-1).indices.permute(1, 0, 2)  # [B, K, k]
-        return self.buffers.fill(top)
+        top = logits.topk(self.tree.top_k, dim=-1).indices.permute(1, 0, 2)  # [B, k_heads, k]
+        return self.buffers.fill(top, n)
 
     def propose(self, *args, **kwargs):  # pragma: no cover - guarded by the runner patch
         raise RuntimeError("TreeMedusaProposer is driven by the vllm-medusa runner patch")
@@ -234,3 +316,20 @@ class TreeMedusaProposer(MedusaProposer):
             (min(num_tokens, 8), self.hidden_size), dtype=self.dtype, device=self.device
         )
         self.propose_tree(hidden)
+
+
+class _BudgetStats:
+    """What the draft budget did between two log lines."""
+
+    def __init__(self, num_nodes: int):
+        self.choices = np.zeros(num_nodes + 1, dtype=np.int64)
+        self.seconds = np.zeros(2)  # [without drafts to verify, with]
+        self.steps = np.zeros(2, dtype=np.int64)
+
+    def add(self, seconds: float, verifying: bool) -> None:
+        self.seconds[int(verifying)] += seconds
+        self.steps[int(verifying)] += 1
+
+    def mean_ms(self, verifying: bool) -> float | None:
+        i = int(verifying)
+        return round(self.seconds[i] / self.steps[i] * 1e3, 2) if self.steps[i] else None

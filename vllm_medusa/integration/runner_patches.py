@@ -107,8 +107,10 @@ def _wrap_prepare_inputs(original):
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         tree_attention.set_plan(None)
-        result = original(self, scheduler_output, num_scheduled_tokens)
         drafter = _tree_drafter(self)
+        if drafter is not None:
+            drafter.step_started()
+        result = original(self, scheduler_output, num_scheduled_tokens)
         spec_md = result[1]
         if drafter is not None and spec_md is not None:
             plan = build_tree_plan(self, drafter, spec_md, num_scheduled_tokens)
@@ -242,6 +244,28 @@ def _wrap_sample(original):
 # ---- propose_draft_token_ids: heads at the last accepted node -------------------------------
 
 
+def _tree_drafts(runner, drafter, sampled_token_ids, sample_hidden_states, spec_decode_metadata):
+    b = len(sampled_token_ids)
+    drafts: list[list[int]] = [[] for _ in range(b)]
+    eligible = [
+        i
+        for i, req_id in enumerate(runner.input_batch.req_ids[:b])
+        if sampled_token_ids[i] and request_can_speculate(runner.requests[req_id].sampling_params)
+    ]
+    num_nodes = drafter.nodes_for_step(len(eligible), b - len(eligible)) if eligible else 0
+    if num_nodes == 0:
+        return drafts
+    if spec_decode_metadata is None:
+        rows = torch.tensor(eligible, device=sample_hidden_states.device)
+    else:
+        rows = runner._vllm_medusa_last_rows[eligible]
+    # A breadth-first prefix of the tree is a tree (every node's parent comes before it).
+    tree_tokens = drafter.propose_tree(sample_hidden_states[rows], num_nodes).tolist()
+    for i, tokens in zip(eligible, tree_tokens, strict=True):
+        drafts[i] = tokens
+    return drafts
+
+
 def _wrap_propose(original):
     @functools.wraps(original)
     def propose_draft_token_ids(
@@ -272,24 +296,15 @@ def _wrap_propose(original):
             )
         self._draft_probs = None
         self._draft_prob_req_ids = None
-        b = len(sampled_token_ids)
-        drafts: list[list[int]] = [[] for _ in range(b)]
-        eligible = [
-            i
-            for i, req_id in enumerate(self.input_batch.req_ids[:b])
-            if sampled_token_ids[i] and request_can_speculate(self.requests[req_id].sampling_params)
-        ]
-        num_nodes = drafter.nodes_for_step(len(eligible), b - len(eligible)) if eligible else 0
-        if num_nodes == 0:
-            return drafts
-        if spec_decode_metadata is None:
-            rows = torch.tensor(eligible, device=sample_hidden_states.device)
-        else:
-            rows = self._vllm_medusa_last_rows[eligible]
-        # A breadth-first prefix of the tree is a tree (every node's parent comes before it).
-        tree_tokens = drafter.propose_tree(sample_hidden_states[rows])[:, :num_nodes].tolist()
-        for i, tokens in zip(eligible, tree_tokens, strict=True):
-            drafts[i] = tokens
+        drafts = _tree_drafts(
+            self, drafter, sampled_token_ids, sample_hidden_states, spec_decode_metadata
+        )
+        num_draft = (
+            np.zeros(len(sampled_token_ids), dtype=np.int64)
+            if spec_decode_metadata is None
+            else np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64)
+        )
+        drafter.step_finished(scheduler_output.total_num_scheduled_tokens, num_draft)
         return drafts
 
     propose_draft_token_ids.__vllm_medusa_patch__ = True
