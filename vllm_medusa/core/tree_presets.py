@@ -5,6 +5,8 @@ as also reproduced in the xformers tree-attention tests. Each tree has 63 nodes 
 they were grown greedily from per-head top-k accuracies measured on Vicuna / Zephyr models.
 """
 
+# The published path lists stay compact, as in their sources.
+# fmt: off
 PUBLISHED_TREES: dict[str, list[list[int]]] = {
     "mc_sim_7b_63": [
         [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4],
@@ -53,3 +55,4 @@ PUBLISHED_TREES: dict[str, list[list[int]]] = {
         [1, 1, 0], [0, 0, 0, 1], [0, 0, 1, 0], [4, 1], [2, 3],
     ],
 }
+# fmt: on
