@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -24,16 +25,30 @@ def smollm2_dir():
     return default_model_path()
 
 
+def _cached_fixture(name: str, fit, model_dir) -> Path:
+    """A fitted fixture folder, fitted once per machine (then read from the cache)."""
+    from tests.vllm_jobs import fixture_dir
+
+    out = fixture_dir(name)
+    if not (out / "heads.safetensors").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fit(model_dir, ORACLE_PROMPTS, tmp, max_new_tokens=ORACLE_MAX_TOKENS)
+        tmp.rename(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def oracle_heads(smollm2_dir):
     """Heads that know the greedy continuation of ORACLE_PROMPTS (fitted once, cached)."""
     from tests.oracle_heads import fit_oracle_heads
-    from tests.vllm_jobs import fixture_dir
 
-    out = fixture_dir("oracle-heads-v1")
-    if not (out / "heads.safetensors").exists():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        fit_oracle_heads(smollm2_dir, ORACLE_PROMPTS, tmp, max_new_tokens=ORACLE_MAX_TOKENS)
-        tmp.rename(out)
-    return out
+    return _cached_fixture("oracle-heads-v1", fit_oracle_heads, smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def oracle_sequential_heads(smollm2_dir):
+    """Sequential heads that know the greedy continuation of ORACLE_PROMPTS (cached)."""
+    from tests.oracle_heads import fit_oracle_sequential_heads
+
+    return _cached_fixture("oracle-sequential-heads-v1", fit_oracle_sequential_heads, smollm2_dir)

@@ -140,6 +140,20 @@ def test_deep_acceptance_with_oracle_heads(tmp_path, smollm2_dir, oracle_heads, 
     assert spec["accepted_per_position"][3] > 0, spec
 
 
+def test_deep_acceptance_with_oracle_sequential_heads(
+    tmp_path, smollm2_dir, oracle_sequential_heads, oracle_plain
+):
+    """Sequential heads fill the tree depth by depth from each node's own path (the bonus
+    token first, through vLLM's embedding); memorised text accepts whole 4-deep paths."""
+    medusa = _medusa(
+        tmp_path, "oracle-seq", smollm2_dir, ORACLE_JOB, oracle_sequential_heads, "mc_sim_7b_63"
+    )
+    _assert_identical(oracle_plain, medusa)
+    spec = medusa["spec"]
+    assert spec["tau"] > 3.5, spec
+    assert spec["accepted_per_position"][3] > 0, spec
+
+
 def test_draft_budget_keeps_drafting_heads_that_are_accepted(
     tmp_path, smollm2_dir, oracle_heads, oracle_plain
 ):

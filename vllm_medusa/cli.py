@@ -16,7 +16,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("vllm_medusa.models", "prepare a base model (e.g. smollm2) as a HF folder"),
     "generate": ("vllm_medusa.generate", "generate answers to MT-Bench prompts with vLLM"),
     "distill": ("vllm_medusa.training.distill", "self-distillation data: the base model's answers"),
+    "teacher-force": (
+        "vllm_medusa.training.teacher",
+        "training data at scale: hidden states + greedy labels over ShareGPT answers",
+    ),
     "train": ("vllm_medusa.training.train", "train Medusa heads on a frozen base model (CPU)"),
+    "train-sequential": (
+        "vllm_medusa.training.sequential",
+        "train sequential (Hydra-style) heads over a draft vocabulary (CPU)",
+    ),
+    "learning-curve": (
+        "vllm_medusa.training.curve",
+        "head quality vs training data (held-out top-1 and simulated tau)",
+    ),
     "eval-heads": ("vllm_medusa.training.evaluate", "per-head accuracy and simulated tree tau"),
     "calibrate-tree": ("vllm_medusa.training.calibrate", "grow a tree from measured accuracies"),
     "serve": ("vllm_medusa.serve", "OpenAI-compatible vLLM server with tree Medusa"),

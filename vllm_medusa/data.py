@@ -140,6 +140,39 @@ def load_sharegpt_prompts(
     return prompts
 
 
+# The last SHAREGPT_HELDOUT conversations that open with a human turn answered by the model
+# are never trained on (teacher forcing stops before them): a held-out ShareGPT split.
+SHAREGPT_HELDOUT = 200
+
+
+def iter_sharegpt_exchanges(
+    path: str | os.PathLike | None = None,
+) -> Iterator[tuple[int, str, str]]:
+    """``(index, human turn, gpt answer)`` of conversations opening with a human turn
+    followed by an answer, in file order (``index`` counts only these)."""
+    index = 0
+    for conversation in iter_sharegpt_conversations(path):
+        turns = conversation.get("conversations")
+        prompt = _first_human_turn(conversation)
+        if prompt is None or len(turns) < 2 or not isinstance(turns[1], dict):
+            continue
+        answer = turns[1].get("value")
+        if turns[1].get("from") != "gpt" or not isinstance(answer, str):
+            continue
+        if prompt.strip() and answer.strip():
+            yield index, prompt.strip(), answer.strip()
+            index += 1
+
+
+def sharegpt_split(split: str, path: str | os.PathLike | None = None) -> list[tuple[int, str, str]]:
+    """``train`` (all but the last :data:`SHAREGPT_HELDOUT` exchanges) or ``heldout``."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown ShareGPT split {split!r}; use 'train' or 'heldout'")
+    exchanges = list(iter_sharegpt_exchanges(path))
+    cut = len(exchanges) - SHAREGPT_HELDOUT
+    return exchanges[:cut] if split == "train" else exchanges[cut:]
+
+
 # --------------------------------------------------------------------------- MT-Bench
 
 

@@ -13,6 +13,8 @@ Formats, each a folder:
 - ``vllm``: what vLLM's ``model_executor/models/medusa.py`` loads: ``config.json`` with
   ``model_type: "medusa"``, ``model.safetensors`` with ``blocks.{h}.layers.{l}.weight|bias``,
   ``lm_heads.{h}.weight`` and optional ``token_map``.
+- ``vllm-medusa-sequential``: sequential (Hydra-style) heads over a draft vocabulary, read by
+  :mod:`vllm_medusa.core.sequential_heads` (``load_heads`` dispatches to it).
 
 Every problem found while reading raises :class:`CheckpointError` naming the file.
 """
@@ -30,6 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_medusa.core.heads import MedusaConfig, MedusaHeads
+from vllm_medusa.core.sequential_heads import (
+    SEQUENTIAL_FORMAT,
+    SequentialCheckpointError,
+    SequentialHeads,
+    is_sequential_config,
+    load_sequential_heads,
+)
 
 FORMAT_NAME = "vllm-medusa"
 FORMAT_VERSION = 1
@@ -38,6 +47,7 @@ CANONICAL = "vllm-medusa"
 FASTERDECODING_V01 = "fasterdecoding-v0.1"
 FASTERDECODING_SHARED = "fasterdecoding-shared"
 VLLM = "vllm"
+SEQUENTIAL = SEQUENTIAL_FORMAT  # sequential (Hydra-style) heads: core/sequential_heads.py
 
 CONFIG_FILE = "config.json"
 CANONICAL_WEIGHTS = "heads.safetensors"
@@ -724,6 +734,8 @@ def _detect(folder: Path) -> tuple[str, dict, Path | None]:
     fd_weights = next((folder / n for n in FASTERDECODING_WEIGHTS if (folder / n).exists()), None)
     if raw.get("format") == FORMAT_NAME:
         return CANONICAL, raw, None
+    if is_sequential_config(raw):
+        return SEQUENTIAL, raw, None
     if fd_weights is not None:
         return FASTERDECODING_V01, raw, fd_weights
     architectures = raw.get("architectures") or []
@@ -749,7 +761,7 @@ def load_heads(
     dtype: torch.dtype = torch.float32,
     expected_hidden_size: int | None = None,
     expected_vocab_size: int | None = None,
-) -> MedusaHeads:
+) -> MedusaHeads | SequentialHeads:
     """Load Medusa heads from a folder of any supported format (auto-detected).
 
     The result carries ``heads.checkpoint_info`` (:class:`CheckpointInfo`: format, files, raw
@@ -757,6 +769,25 @@ def load_heads(
     """
     folder = Path(path)
     fmt, raw, fd_weights = _detect(folder)
+    if fmt == SEQUENTIAL:
+        try:
+            heads = load_sequential_heads(
+                folder,
+                raw,
+                dtype=dtype,
+                expected_hidden_size=expected_hidden_size,
+                expected_vocab_size=expected_vocab_size,
+            )
+        except SequentialCheckpointError as e:
+            raise CheckpointError(str(e)) from e
+        heads.checkpoint_info = CheckpointInfo(
+            format=fmt,
+            path=folder,
+            weights_file=folder / CANONICAL_WEIGHTS,
+            raw_config=raw,
+            tree=read_tree_file(folder),
+        )
+        return heads
     kwargs = {
         "dtype": dtype,
         "expected_hidden_size": expected_hidden_size,

@@ -50,21 +50,27 @@ class MedusaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MedusaConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known - {"format", "format_version"}
-        if unknown:
-            raise ValueError(f"unknown keys in Medusa config: {sorted(unknown)}")
-        missing = [
-            name
-            for name, f in cls.__dataclass_fields__.items()
-            if name not in data and f.default is MISSING and f.default_factory is MISSING
-        ]
-        if missing:
-            raise ValueError(f"missing keys in Medusa config: {missing}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return config_from_dict(cls, data, "Medusa config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """A config dataclass from a checkpoint's ``config.json`` (format keys ignored); unknown
+    and missing keys are errors naming them."""
+    known = set(cls.__dataclass_fields__)
+    unknown = set(data) - known - {"format", "format_version"}
+    if unknown:
+        raise ValueError(f"unknown keys in {what}: {sorted(unknown)}")
+    missing = [
+        name
+        for name, f in cls.__dataclass_fields__.items()
+        if name not in data and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ValueError(f"missing keys in {what}: {missing}")
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class MedusaHeads(nn.Module):

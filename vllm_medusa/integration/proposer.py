@@ -1,8 +1,11 @@
 """Tree Medusa proposer: replaces vLLM's top-1 chain ``MedusaProposer``.
 
-It loads heads in any supported checkpoint format with this project's loader (biases kept),
-takes the top-k of every head at the last accepted token's hidden state, and fills the
-configured token tree; the flattened tree (breadth-first) becomes a request's draft tokens.
+It loads heads in any supported checkpoint format with this project's loader (biases kept)
+and fills the configured token tree from the last accepted token's hidden state; the
+flattened tree (breadth-first) becomes a request's draft tokens. Medusa-1 heads: the top-k
+of every head at once. Sequential heads (:mod:`vllm_medusa.core.sequential_heads`): depth by
+depth, each internal node's head reading its path (the bonus token first) through the base
+model's input embedding.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from vllm_medusa.core.draft_budget import (
     choose_num_nodes,
 )
 from vllm_medusa.core.heads import MedusaHeads
+from vllm_medusa.core.sequential_heads import SequentialHeads, SequentialTreePlan
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
 
@@ -91,7 +95,7 @@ class TreeMedusaProposer(MedusaProposer):
         self.heads_dir = Path(self.spec_config.model)
         model_config = vllm_config.model_config
         # Loading the heads here (a few MB) makes every mismatch fail at engine start.
-        self.heads: MedusaHeads = load_heads(
+        self.heads: MedusaHeads | SequentialHeads = load_heads(
             self.heads_dir,
             dtype=model_config.dtype,
             expected_hidden_size=model_config.get_hidden_size(),
@@ -105,6 +109,11 @@ class TreeMedusaProposer(MedusaProposer):
                 f"set num_speculative_tokens={self.tree.num_nodes} (one draft token per node)"
             )
         self.buffers = self.tree.buffers(device)
+        self.sequential = isinstance(self.heads, SequentialHeads)
+        self.sequential_plan = (
+            SequentialTreePlan.build(self.tree, device) if self.sequential else None
+        )
+        self.embed_input_ids = None  # the base model's input embedding (sequential heads)
         self.vocab_size = model_config.get_vocab_size()
         self.base_compute_logits = None
         # Host-side copies for building per-step tree layouts.
@@ -132,11 +141,12 @@ class TreeMedusaProposer(MedusaProposer):
         self._drafted_this_step = (0, 0)  # (requests, nodes) drafted for the next step
         self._stats = _BudgetStats(self.tree.num_nodes)
         logger.info(
-            "Medusa tree: %d nodes (per depth %s), top-%d, from %s; draft budget %s",
+            "Medusa tree: %d nodes (per depth %s), top-%d, from %s; %s heads; draft budget %s",
             self.tree.num_nodes,
             self.tree.nodes_per_depth(),
             self.tree.top_k,
             self.options.tree or "heads folder / default chain",
+            "sequential" if self.sequential else "Medusa-1",
             self.options.draft_budget,
         )
 
@@ -252,7 +262,8 @@ class TreeMedusaProposer(MedusaProposer):
                 hidden = torch.zeros(
                     (num_reqs, self.hidden_size), dtype=self.dtype, device=self.device
                 )
-                self.propose_tree(hidden, num_nodes)
+                bonus = torch.zeros(num_reqs, dtype=torch.long, device=self.device)
+                self.propose_tree(hidden, num_nodes, bonus)
 
             return run
 
@@ -279,7 +290,17 @@ class TreeMedusaProposer(MedusaProposer):
         return np.nonzero(~self._causal_exact[1 : num_nodes + 1])[0] + 1
 
     def load_model(self, target_model: torch.nn.Module) -> None:
-        if self.heads.config.shared_lm_head:
+        if self.sequential:
+            embed = getattr(target_model, "embed_input_ids", None) or getattr(
+                target_model, "get_input_embeddings", None
+            )
+            if embed is None:
+                raise MedusaConfigError(
+                    f"{type(target_model).__name__} exposes no input embedding "
+                    "(embed_input_ids): sequential heads need it to read their paths"
+                )
+            self.embed_input_ids = embed
+        elif self.heads.config.shared_lm_head:
             if not hasattr(target_model, "compute_logits"):
                 raise MedusaConfigError(
                     f"{type(target_model).__name__} has no compute_logits for heads that "
@@ -292,11 +313,21 @@ class TreeMedusaProposer(MedusaProposer):
 
     @torch.inference_mode()
     def propose_tree(
-        self, hidden_states: torch.Tensor, num_nodes: int | None = None
+        self,
+        hidden_states: torch.Tensor,
+        num_nodes: int | None = None,
+        bonus_token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Tokens of the first ``num_nodes`` tree nodes (default all) ``[B, n]`` from the
-        hidden states ``[B, H]`` of the roots; only the heads those nodes need run."""
+        hidden states ``[B, H]`` of the roots (and, for sequential heads, the roots' tokens
+        ``[B]``: the bonus tokens); only the heads those nodes need run."""
         n = self.tree.num_nodes if num_nodes is None else num_nodes
+        if self.sequential:
+            if bonus_token_ids is None:
+                raise ValueError("sequential heads need the bonus tokens of the roots")
+            return self.heads.fill_tree(
+                self.sequential_plan, hidden_states, bonus_token_ids, self.embed_input_ids, n
+            )
         head_states = self.heads(hidden_states, num_heads=int(self.prefix_depth[n]))
         if self.heads.config.shared_lm_head:
             k, b, h = head_states.shape
@@ -312,10 +343,9 @@ class TreeMedusaProposer(MedusaProposer):
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int) -> None:
-        hidden = torch.zeros(
-            (min(num_tokens, 8), self.hidden_size), dtype=self.dtype, device=self.device
-        )
-        self.propose_tree(hidden)
+        b = min(num_tokens, 8)
+        hidden = torch.zeros((b, self.hidden_size), dtype=self.dtype, device=self.device)
+        self.propose_tree(hidden, None, torch.zeros(b, dtype=torch.long, device=self.device))
 
 
 class _BudgetStats:

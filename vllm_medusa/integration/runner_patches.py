@@ -259,8 +259,12 @@ def _tree_drafts(runner, drafter, sampled_token_ids, sample_hidden_states, spec_
         rows = torch.tensor(eligible, device=sample_hidden_states.device)
     else:
         rows = runner._vllm_medusa_last_rows[eligible]
+    # The root of each tree is the token just sampled (sequential heads read it).
+    bonus = torch.tensor(
+        [sampled_token_ids[i][-1] for i in eligible], device=sample_hidden_states.device
+    )
     # A breadth-first prefix of the tree is a tree (every node's parent comes before it).
-    tree_tokens = drafter.propose_tree(sample_hidden_states[rows], num_nodes).tolist()
+    tree_tokens = drafter.propose_tree(sample_hidden_states[rows], num_nodes, bonus).tolist()
     for i, tokens in zip(eligible, tree_tokens, strict=True):
         drafts[i] = tokens
     return drafts

@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from vllm_medusa.training.common import TrainingError
 
 DEFAULT_BUDGETS = (4, 8, 16, 32, 64)
@@ -65,26 +67,94 @@ def grow_tree(rank_acc, budget: int, max_rank: int | None = None) -> list[list[i
     return tree
 
 
+def truth_rank_paths(candidates, max_rank: int) -> torch.Tensor:
+    """``[N, K]``: rank of the true token in each head's candidates at every position, or
+    ``max_rank`` where it is not among the first ``max_rank`` (or there is no target)."""
+    from vllm_medusa.training.hidden import IGNORE
+
+    r = min(max_rank, candidates.topk.shape[2])
+    hit = candidates.topk[:, :, :r] == candidates.targets[:, :, None]  # [N, K, r]
+    rank = torch.where(
+        hit.any(-1), hit.float().argmax(-1), torch.full_like(hit[..., 0], r, dtype=torch.long)
+    )
+    return torch.where(candidates.targets == IGNORE, r, rank)
+
+
+def path_frequencies(candidates, max_rank: int) -> dict[tuple[int, ...], float]:
+    """Fraction of positions whose true tokens follow each rank path: the probability that
+    a tree node with that path is accepted, measured jointly over depths (for sequential
+    heads the candidates at depth ``d`` are conditioned on the true path before it)."""
+    ranks = truth_rank_paths(candidates, max_rank)
+    n, k = ranks.shape
+    r = min(max_rank, candidates.topk.shape[2])
+    freq: dict[tuple[int, ...], float] = {}
+    alive = torch.ones(n, dtype=torch.bool)
+    code = torch.zeros(n, dtype=torch.long)
+    for depth in range(k):
+        alive &= ranks[:, depth] < r
+        code = code * (r + 1) + ranks[:, depth]
+        values, counts = torch.unique(code[alive], return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+            path = []
+            for _ in range(depth + 1):
+                v, digit = divmod(v, r + 1)
+                path.append(digit)
+            freq[tuple(reversed(path))] = c / max(n, 1)
+    return freq
+
+
+def grow_tree_from_paths(candidates, budget: int, max_rank: int, fallback) -> list[list[int]]:
+    """The tree of ``budget`` nodes with the highest measured expected accepted length:
+    the most frequent rank paths (a child is never more frequent than its parent, so the
+    set is a tree; ties go to the shallower path). Paths never seen are taken from
+    ``fallback`` (the independence growth order) once the seen ones run out."""
+    freq = path_frequencies(candidates, max_rank)
+    order = sorted(freq, key=lambda p: (-freq[p], len(p), p))[:budget]
+    seen = set(order)
+    for p in fallback:
+        if len(order) >= budget:
+            break
+        if tuple(p) not in seen:
+            order.append(tuple(p))
+            seen.add(tuple(p))
+    return [list(p) for p in order]
+
+
 def calibrate(
     rank_acc,
     budgets=DEFAULT_BUDGETS,
     candidates=None,
     max_rank: int | None = None,
 ) -> dict:
-    """Predicted (and, with ``candidates`` from eval-heads, simulated) tau per budget."""
+    """Predicted (and, with ``candidates`` from eval-heads, simulated) tau per budget.
+
+    With candidates the tree grows from measured path frequencies (conditional accuracies,
+    exact for sequential heads); without, from per-head rank accuracies treated as
+    independent."""
     from vllm_medusa.core.tree import MedusaTree
     from vllm_medusa.training.evaluate import predicted_tau, simulate_tau
 
     order = grow_tree(rank_acc, max(budgets), max_rank)
+    freq = None
+    if candidates is not None:
+        r = max_rank or candidates.topk.shape[2]
+        order = grow_tree_from_paths(candidates, max(budgets), r, order)
+        freq = path_frequencies(candidates, r)
     rows = []
     for b in sorted(budgets):
         paths = order[:b]
         tree = MedusaTree.from_paths(paths)
+        predicted = (
+            predicted_tau(paths, rank_acc)
+            if freq is None
+            else 1 + sum(freq.get(tuple(p), 0.0) for p in paths)
+        )
         row = {
             "budget": b,
             "nodes": tree.num_nodes,
             "nodes_per_depth": tree.nodes_per_depth(),
-            "predicted_tau": round(predicted_tau(paths, rank_acc), 4),
+            "predicted_tau": round(predicted, 4),
+            "growth": "path frequencies" if freq is not None else "independent ranks",
         }
         if candidates is not None:
             row["simulated_tau"] = round(simulate_tau(candidates, tree)["tau"], 4)

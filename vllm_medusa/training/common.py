@@ -73,3 +73,14 @@ def write_json(path: str | Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def run_guarded(command: str, body, args) -> int:
+    """Run a subcommand's body; user-facing errors become one line on stderr and exit 2."""
+    import sys
+
+    try:
+        return body(args)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"vllm-medusa {command}: error: {e}", file=sys.stderr)
+        return 2

@@ -34,6 +34,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="MT-Bench first turns (evaluation continuations only: never train on them)",
     )
+    src.add_argument(
+        "--sharegpt-heldout",
+        action="store_true",
+        help="the held-out ShareGPT split (first turns that teacher-force never reads)",
+    )
     p.add_argument("--output", required=True, help="output JSONL (appended to, resumable)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--max-tokens", type=int, default=256, help="answer length cap (256)")
@@ -59,11 +64,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny run: 8 prompts x 32 tokens")
 
 
-def load_prompts(prompts_file: str | None, limit: int | None, mt_bench: bool = False) -> list[str]:
+def load_prompts(
+    prompts_file: str | None,
+    limit: int | None,
+    mt_bench: bool = False,
+    sharegpt_heldout: bool = False,
+) -> list[str]:
     from vllm_medusa import data
 
     if mt_bench:
         prompts = data.mt_bench_first_turns()
+    elif sharegpt_heldout:
+        prompts = [prompt for _, prompt, _ in data.sharegpt_split("heldout")]
     elif prompts_file:
         prompts = data.load_prompts_file(prompts_file)
     else:
@@ -98,6 +110,7 @@ def distill(
     chunk_size: int = 128,
     time_budget_min: float | None = None,
     mt_bench: bool = False,
+    sharegpt_heldout: bool = False,
     enforce_eager: bool = False,
 ) -> dict:
     """Generate the missing answers into ``output``; returns counts for the whole file."""
@@ -108,7 +121,7 @@ def distill(
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    prompts = load_prompts(prompts_file, limit, mt_bench)
+    prompts = load_prompts(prompts_file, limit, mt_bench, sharegpt_heldout)
     model_path = resolve_model(model)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             time_budget_min=args.time_budget,
             mt_bench=args.mt_bench,
+            sharegpt_heldout=args.sharegpt_heldout,
             enforce_eager=args.enforce_eager or args.quick,
         )
     except (TrainingError, ValueError, FileNotFoundError) as e:

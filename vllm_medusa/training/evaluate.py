@@ -224,9 +224,21 @@ def evaluate_heads(
     trees: dict[str, MedusaTree],
     *,
     progress: bool = True,
+    embed_weight: torch.Tensor | None = None,
 ) -> tuple[dict, Candidates]:
+    """Accuracy and simulated tau of Medusa-1 heads, or of sequential heads (which need the
+    base model's input embedding ``embed_weight`` to read their paths)."""
+    from vllm_medusa.core.sequential_heads import SequentialHeads
+    from vllm_medusa.training.sequential import sequential_candidates, sequential_step_ms
+
     t0 = time.time()
-    cand = head_candidates(heads, cache, base_lm_head, progress=progress)
+    sequential = isinstance(heads, SequentialHeads)
+    if sequential:
+        if embed_weight is None:
+            raise TrainingError("sequential heads need the base model's input embedding")
+        cand = sequential_candidates(heads, cache, embed_weight, progress=progress)
+    else:
+        cand = head_candidates(heads, cache, base_lm_head, progress=progress)
     ra = rank_accuracy(cand)
     report = {
         "positions": int(cache.num_rows),
@@ -243,7 +255,13 @@ def evaluate_heads(
         sim["mean_accepted"] = round(sim["mean_accepted"], 4)
         report["trees"][name] = sim
     report["seconds"] = round(time.time() - t0, 1)
-    report["heads_step_ms"] = step_cost_ms(heads, base_lm_head)
+    if sequential:
+        # Depth-by-depth drafting costs one head call per depth: time the first tree's fill.
+        report["heads_step_ms"] = sequential_step_ms(
+            heads, next(iter(trees.values())), embed_weight
+        )
+    else:
+        report["heads_step_ms"] = step_cost_ms(heads, base_lm_head)
     return report, cand
 
 
@@ -382,7 +400,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cache = compute_hidden(model, convs, include_prompt=False)
     lm = base_lm_head_weight(model)
-    report, cand = evaluate_heads(heads, cache, lm, trees)
+    embed = model.get_input_embeddings().weight.detach()
+    report, cand = evaluate_heads(heads, cache, lm, trees, embed_weight=embed)
     report = {"heads": str(heads_dir), "model": str(model_path), "data": source} | report
     cand_path = output.with_name(output.stem + ".topk.safetensors")
     output.parent.mkdir(parents=True, exist_ok=True)
