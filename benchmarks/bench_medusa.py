@@ -1,12 +1,16 @@
-"""Plain decoding vs vLLM's chain Medusa vs tree Medusa on the same heads, in one run.
+"""Plain decoding vs vLLM's chain Medusa vs tree Medusa, in one run.
 
 Each (config, concurrency) runs in its own subprocess (``python -m vllm_medusa.engine_job``),
-one after another, on the same MT-Bench prompts; the table reports output tokens/s, tau
-(mean tokens per verification step) and the speedup over plain decoding at the same
-concurrency, plus whether the greedy outputs are identical to plain decoding's.
+one after another, on the same prompts (MT-Bench first turns, or the held-out ShareGPT split);
+the table reports output tokens/s, tau (mean tokens per verification step) and the speedup
+over plain decoding at the same concurrency, plus whether the greedy outputs are identical to
+plain decoding's. ``tree-*`` use ``--heads`` (default: the shipped sequential heads);
+``vllm-chain`` and ``medusa1-tree-auto`` use ``--chain-heads`` (default: the shipped Medusa-1
+heads, the only kind vLLM's own chain Medusa loads).
 
-    python benchmarks/bench_medusa.py [--num-prompts 80] [--max-tokens 128] [--concurrency 1 16]
-        [--configs plain vllm-chain tree-full tree-auto]
+    python benchmarks/bench_medusa.py [--prompts mt-bench|sharegpt-heldout] [--num-prompts 80]
+        [--max-tokens 128] [--concurrency 1 16]
+        [--configs vllm-chain medusa1-tree-auto tree-full tree-auto]
 
 Machines are noisy: compare ratios within one run, never absolute numbers across runs.
 """
@@ -41,6 +45,10 @@ def _run_job(job: dict, workdir: Path, name: str, env: dict | None = None) -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", default=None, help="heads folder (default: shipped heads)")
+    parser.add_argument(
+        "--chain-heads", default=None, help="Medusa-1 heads (default: shipped Medusa-1 heads)"
+    )
+    parser.add_argument("--prompts", choices=["mt-bench", "sharegpt-heldout"], default="mt-bench")
     parser.add_argument("--tree", default=None, help="tree for tree Medusa (default: heads')")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -48,8 +56,8 @@ def main() -> int:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["vllm-chain", "tree-full", "tree-auto"],
-        choices=["plain", "vllm-chain", "tree-full", "tree-auto"],
+        default=["vllm-chain", "medusa1-tree-auto", "tree-full", "tree-auto"],
+        choices=["plain", "vllm-chain", "medusa1-tree-auto", "tree-full", "tree-auto"],
         help="what to run besides plain decoding (always run: the reference)",
     )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_medusa.json"))
@@ -59,14 +67,20 @@ def main() -> int:
     from safetensors.torch import load_file
 
     from vllm_medusa.core.checkpoint import export_vllm, load_heads
-    from vllm_medusa.data import mt_bench_first_turns
+    from vllm_medusa.data import mt_bench_first_turns, sharegpt_split
     from vllm_medusa.models import default_model_path
-    from vllm_medusa.paths import shipped_heads_dir
+    from vllm_medusa.paths import SHIPPED_MEDUSA1_HEADS, shipped_heads_dir
 
     model = default_model_path()
     heads_dir = Path(args.heads) if args.heads else shipped_heads_dir()
-    heads = load_heads(heads_dir)
-    prompts = mt_bench_first_turns()[: args.num_prompts]
+    chain_dir = (
+        Path(args.chain_heads) if args.chain_heads else shipped_heads_dir(SHIPPED_MEDUSA1_HEADS)
+    )
+    heads = load_heads(chain_dir)
+    if args.prompts == "mt-bench":
+        prompts = mt_bench_first_turns()[: args.num_prompts]
+    else:
+        prompts = [p for _, p, _ in sharegpt_split("heldout")][: args.num_prompts]
     workdir = Path(tempfile.mkdtemp(prefix="bench-medusa-"))
     state = load_file(model / "model.safetensors")
     base_lm_head = state.get("lm_head.weight", state.get("model.embed_tokens.weight"))
@@ -86,6 +100,8 @@ def main() -> int:
             },
             {"VLLM_PLUGINS": "none"},
         ),
+        # Tree Medusa with the Medusa-1 heads (their calibrated tree, default budget).
+        "medusa1-tree-auto": ({}, None),
         # The whole tree every step, and the default cost-aware draft budget.
         "tree-full": ({"draft_budget": "full"}, None),
         "tree-auto": ({}, None),
@@ -105,6 +121,8 @@ def main() -> int:
         }
         if config.startswith("tree"):
             job["medusa"] = {"heads": str(heads_dir), "tree": args.tree, "options": engine_kwargs}
+        elif config.startswith("medusa1-tree"):
+            job["medusa"] = {"heads": str(chain_dir), "tree": None, "options": engine_kwargs}
         else:
             job["engine"].update(engine_kwargs)
         out = _run_job(job, workdir, f"{config}-c{concurrency}", env)
@@ -121,8 +139,8 @@ def main() -> int:
             }
         )
 
-    print(f"\n{len(prompts)} MT-Bench prompts x {args.max_tokens} tokens, heads {heads_dir}")
-    print(f"{'config':<11} {'conc':>4} {'tok/s':>8} {'tau':>6} {'speedup':>8} {'= plain':>8}")
+    print(f"\n{len(prompts)} {args.prompts} prompts x {args.max_tokens} tokens, heads {heads_dir}")
+    print(f"{'config':<17} {'conc':>4} {'tok/s':>8} {'tau':>6} {'speedup':>8} {'= plain':>8}")
     for r in results:
         plain = next(
             p for p in results if p["config"] == "plain" and p["concurrency"] == r["concurrency"]
@@ -130,7 +148,7 @@ def main() -> int:
         r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"]
         r["identical_to_plain"] = r["token_ids"] == plain["token_ids"]
         print(
-            f"{r['config']:<11} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} "
+            f"{r['config']:<17} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} "
             f"{r['tau']:>6.2f} {r['speedup']:>7.2f}x {str(r['identical_to_plain']):>8}"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)

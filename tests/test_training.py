@@ -570,3 +570,89 @@ def test_quick_pipeline_end_to_end(tmp_path):
     # the heads folder's tree is now the evaluation default
     cli("eval-heads", "--quick", "--heads", str(heads), "--output", str(tmp_path / "e2.json"))
     assert "tree.json" in json.loads((tmp_path / "e2.json").read_text())["trees"]
+
+
+@pytest.mark.slow
+def test_quick_sequential_pipeline_end_to_end(tmp_path):
+    """teacher-force (resumed) -> train-sequential -> eval-heads -> calibrate-tree ->
+    learning-curve, on SmolLM2, tiny data."""
+    from vllm_medusa.core.checkpoint import load_heads
+    from vllm_medusa.core.sequential_heads import SequentialHeads
+    from vllm_medusa.training.teacher import load_teacher_data
+
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    data, heads = tmp_path / "tf", tmp_path / "seq-heads"
+
+    def cli(*args):
+        r = subprocess.run(
+            [sys.executable, "-m", "vllm_medusa.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=900,
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    # Interrupted after the first shard, then resumed: the second call only appends.
+    cli(
+        "teacher-force",
+        "--output",
+        str(data),
+        "--tokens",
+        "800",
+        "--shard-tokens",
+        "800",
+        "--max-len",
+        "256",
+    )
+    first = json.loads((data / "manifest.json").read_text())
+    assert len(first["shards"]) == 1 and first["tokens"] >= 800
+    cli("teacher-force", "--quick", "--output", str(data))
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["shards"][0] == first["shards"][0] and len(manifest["shards"]) >= 2
+    cache = load_teacher_data(data)
+    assert cache.tokens.numel() == cache.next_token.numel()
+    assert int((cache.next_token >= 0).sum()) >= manifest["tokens"]  # + the last prompt token
+    assert cache.conv.unique().numel() == sum(s["conversations"] for s in manifest["shards"])
+
+    cli(
+        "train-sequential",
+        "--quick",
+        "--data",
+        str(data),
+        "--output",
+        str(heads),
+        "--num-heads",
+        "3",
+    )
+    h = load_heads(heads, expected_hidden_size=576, expected_vocab_size=49152)
+    assert isinstance(h, SequentialHeads) and h.num_heads == 3
+    cli("eval-heads", "--quick", "--heads", str(heads))
+    report = json.loads((heads / "eval.json").read_text())
+    assert len(report["rank_accuracy"]) == 3 and report["trees"]["chain-3"]["tau"] >= 1.0
+    assert set(report["heads_step_ms"]) == {"batch_1", "batch_8"}
+    cli("calibrate-tree", "--heads", str(heads), "--budget", "8")
+    assert MedusaTree.resolve(heads / "tree.json", num_heads=3).num_nodes == 8
+    continuations = heads / "eval.continuations.jsonl"
+    out = cli(
+        "learning-curve",
+        "--data",
+        str(data),
+        "--sizes",
+        "400,800",
+        "--eval",
+        f"{continuations},{continuations}",
+        "--output",
+        str(tmp_path / "curve"),
+        "--num-heads",
+        "2",
+        "--draft-vocab",
+        "256",
+        "--epochs",
+        "1",
+    )
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [r["tokens"] for r in curve["runs"]] == [400, 800]
+    assert (tmp_path / "curve" / "curve.png").stat().st_size > 0, out

@@ -12,7 +12,8 @@ import pytest
 
 from vllm_medusa.paths import assets_dir, cache_dir
 
-SHIPPED_HEADS = assets_dir() / "heads" / "smollm2-135m-instruct"
+SHIPPED_HEADS = assets_dir() / "heads" / "smollm2-135m-instruct"  # sequential heads
+SHIPPED_MEDUSA1_HEADS = assets_dir() / "heads" / "smollm2-135m-instruct-medusa1"
 
 
 def run_engine_job(job: dict, workdir: Path, name: str, env: dict | None = None) -> dict:

@@ -27,12 +27,14 @@ def assets_dir() -> Path:
     return Path(__file__).resolve().parent / "assets"
 
 
-SHIPPED_HEADS = "smollm2-135m-instruct"
+SHIPPED_HEADS = "smollm2-135m-instruct"  # sequential heads: the default for serving
+# Medusa-1 heads for the same model: what vLLM's own chain Medusa can load (comparisons).
+SHIPPED_MEDUSA1_HEADS = "smollm2-135m-instruct-medusa1"
 
 
-def shipped_heads_dir() -> Path:
-    """Medusa heads shipped for SmolLM2-135M-Instruct (trained by this project's commands)."""
-    path = assets_dir() / "heads" / SHIPPED_HEADS
+def shipped_heads_dir(name: str = SHIPPED_HEADS) -> Path:
+    """Heads shipped for SmolLM2-135M-Instruct (trained by this project's commands)."""
+    path = assets_dir() / "heads" / name
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no shipped heads at {path}")
     return path

@@ -169,7 +169,6 @@ def _run(args: argparse.Namespace) -> int:
             )
             heads = train_sequential(data, lm_head, embed, cfg, base_model_name=model_path.name)
             heads = heads.heads
-            save_sequential_heads(heads, out / f"heads-{size}", weights_dtype=torch.float16)
         else:
             labelled = GreedyLabels(data.hidden, data.tokens, data.pos, data.seq_end, data.conv)
             labelled.next_token = data.next_token
@@ -181,8 +180,15 @@ def _run(args: argparse.Namespace) -> int:
                 save_every=0,
             )
             heads = train_heads(labelled, lm_head, cfg).heads
-            save_heads(heads, out / f"heads-{size}")
         seconds = time.time() - t0
+        heads.config.extra = {
+            "training": {"data": Path(args.data).name, "tokens": size, "seconds": round(seconds)}
+            | {k: v for k, v in vars(cfg).items() if k != "extra"}
+        }
+        if args.head_type == "sequential":
+            save_sequential_heads(heads, out / f"heads-{size}", weights_dtype=torch.float16)
+        else:
+            save_heads(heads, out / f"heads-{size}")
         heads.eval()
         tokens = int((data.next_token >= 0).sum())
         row = {
