@@ -77,18 +77,17 @@ def build_tree_plan(runner, drafter: TreeMedusaProposer, spec_md, num_scheduled_
     ancestor = drafter.ancestor_mask_np
     max_rows = max(len(rows) for _, rows in fix)
     max_keys = max(int(root_pos[i] + num_draft[i]) + 1 for i, _ in fix)
+    max_blocks = -(-max_keys // block_size)
     r = len(fix)
     q_rows = np.zeros((r, max_rows), dtype=np.int64)
     q_valid = np.zeros((r, max_rows), dtype=bool)
-    kv_slots = np.zeros((r, max_keys), dtype=np.int64)
-    mask = np.zeros((r, max_rows, max_keys), dtype=bool)
+    kv_blocks = np.zeros((r, max_blocks), dtype=np.int64)
+    mask = np.zeros((r, max_rows, max_blocks * block_size), dtype=bool)
     mask[:, :, 0] = True  # padding rows attend to something; their output is discarded
     for k, (i, rows) in enumerate(fix):
         ctx, n = int(root_pos[i]), int(num_draft[i])
-        pos = np.arange(ctx + n + 1)
-        kv_slots[k, : ctx + n + 1] = bt[i, pos // block_size].astype(np.int64) * block_size + (
-            pos % block_size
-        )
+        used = -(-(ctx + n + 1) // block_size)
+        kv_blocks[k, :used] = bt[i, :used]
         m = len(rows)
         q_rows[k, :m] = root_rows[i] + rows
         q_valid[k, :m] = True
@@ -98,7 +97,7 @@ def build_tree_plan(runner, drafter: TreeMedusaProposer, spec_md, num_scheduled_
     return tree_attention.TreeAttentionPlan(
         q_rows=torch.from_numpy(q_rows).to(device),
         q_valid=torch.from_numpy(q_valid).to(device),
-        kv_slots=torch.from_numpy(kv_slots).to(device),
+        kv_blocks=torch.from_numpy(kv_blocks).to(device),
         mask=torch.from_numpy(mask).unsqueeze(1).to(device),
     )
 

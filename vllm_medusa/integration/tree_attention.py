@@ -29,15 +29,16 @@ _LAYOUT_CHECKED: set[str] = set()
 class TreeAttentionPlan:
     """The rows one forward pass must recompute with a tree mask.
 
-    R tree requests, up to M rows to fix and up to L keys per request:
-    ``q_rows`` ``[R, M]`` global token rows (padding: 0), ``q_valid`` ``[R, M]``,
-    ``kv_slots`` ``[R, L]`` paged-cache slots of the request's keys in position order
-    (padding: 0), ``mask`` ``[R, 1, M, L]`` bool (True = may attend).
+    R tree requests, up to M rows to fix and up to P pages (of ``block_size`` keys) per
+    request: ``q_rows`` ``[R, M]`` global token rows (padding: 0), ``q_valid`` ``[R, M]``,
+    ``kv_blocks`` ``[R, P]`` the request's KV-cache blocks in position order (padding: 0),
+    ``mask`` ``[R, 1, M, P * block_size]`` bool (True = may attend; keys past the request's
+    last position are masked).
     """
 
     q_rows: torch.Tensor
     q_valid: torch.Tensor
-    kv_slots: torch.Tensor
+    kv_blocks: torch.Tensor
     mask: torch.Tensor
 
 
@@ -127,16 +128,23 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
 
     def _recompute_tree_rows(self, plan, query, kv_cache, output) -> None:
         r, m = plan.q_rows.shape
-        n_keys = plan.kv_slots.shape[1]
-        k, v = read_kv(kv_cache, plan.kv_slots.reshape(-1))  # [R*L, Hkv, D]
-        k = k.view(r, n_keys, self.num_kv_heads, self.head_size).transpose(1, 2)
-        v = v.view(r, n_keys, self.num_kv_heads, self.head_size).transpose(1, 2)
-        if self.num_queries_per_kv > 1:
-            k = k.repeat_interleave(self.num_queries_per_kv, dim=1)
-            v = v.repeat_interleave(self.num_queries_per_kv, dim=1)
+        p = plan.kv_blocks.shape[1]
+        # Whole pages, gathered along the block axis (contiguous copies; an element-wise
+        # gather of every slot costs several times more).
+        k_pages, v_pages = _kv_views(kv_cache)  # [nb, Hkv, D, bs], [nb, Hkv, bs, D]
+        blocks = plan.kv_blocks.reshape(-1)
+        k = k_pages[blocks].view(r, p, self.num_kv_heads, self.head_size, -1)
+        k = k.permute(0, 2, 1, 4, 3).reshape(r, self.num_kv_heads, -1, self.head_size)
+        v = v_pages[blocks].view(r, p, self.num_kv_heads, -1, self.head_size)
+        v = v.transpose(1, 2).reshape(r, self.num_kv_heads, -1, self.head_size)
         q = query[plan.q_rows.reshape(-1)].view(r, m, self.num_heads, self.head_size)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2).to(k.dtype), k, v, attn_mask=plan.mask, scale=self.scale
+            q.transpose(1, 2).to(k.dtype),
+            k,
+            v,
+            attn_mask=plan.mask,
+            scale=self.scale,
+            enable_gqa=self.num_queries_per_kv > 1,
         )  # [R, H, M, D]
         out = out.transpose(1, 2)[plan.q_valid]  # [rows, H, D]
         rows = plan.q_rows[plan.q_valid]
