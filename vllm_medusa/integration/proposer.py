@@ -24,6 +24,7 @@ from vllm_medusa.core.draft_budget import (
 )
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
+from vllm_medusa.integration import startup_checks
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
 
 # Under vLLM's logger, so that messages reach its handler and format.
@@ -117,6 +118,7 @@ class TreeMedusaProposer(MedusaProposer):
                 f"speculative_config.num_speculative_tokens is {self.num_speculative_tokens}: "
                 f"set num_speculative_tokens={self.tree.num_nodes} (one draft token per node)"
             )
+        startup_checks.check_engine(vllm_config, self.tree, self.options.draft_budget)
         self.buffers = self.tree.buffers(device)
         self.vocab_size = model_config.get_vocab_size()
         self.base_compute_logits = None
