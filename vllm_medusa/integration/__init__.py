@@ -38,8 +38,9 @@ def install() -> None:
     if _installed:
         return
     check_vllm_version()
-    from vllm_medusa.integration import runner_patches, tree_attention
+    from vllm_medusa.integration import runner_patches, scheduler_patches, tree_attention
 
     tree_attention.register_tree_attention_backend()
     runner_patches.patch_model_runner()
+    scheduler_patches.patch_scheduler()
     _installed = True
