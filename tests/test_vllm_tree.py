@@ -362,6 +362,21 @@ def test_num_speculative_tokens_must_match_tree(tmp_path, smollm2_dir, oracle_he
     assert "set num_speculative_tokens=63" in stderr
 
 
+def test_engine_features_tree_medusa_cannot_serve_fail_at_start(
+    tmp_path, smollm2_dir, oracle_heads
+):
+    """One engine-level refusal (the others are unit tests of startup_checks): a long-prefill
+    threshold that would cut a 64-token verification step short."""
+    job = {
+        "model": str(smollm2_dir),
+        "engine": {**ENGINE, "long_prefill_token_threshold": 16},
+        "prompts": ["hi"],
+        "medusa": {"heads": str(oracle_heads), "tree": "mc_sim_7b_63"},
+    }
+    stderr = run_engine_job_expecting_failure(job, tmp_path, "bad-threshold")
+    assert "long_prefill_token_threshold=16 is below one tree verification (64 tokens)" in stderr
+
+
 def test_heads_for_another_model_fail_at_start(tmp_path, smollm2_dir):
     from vllm_medusa.core.checkpoint import save_heads
     from vllm_medusa.core.heads import MedusaConfig, MedusaHeads
