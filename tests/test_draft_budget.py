@@ -175,3 +175,18 @@ def test_verify_overhead_is_never_negative_and_fades():
         slow.forget()
         slow.observe(1, 0, 0, 0.001)
     assert slow.extra_seconds(1, np.array([1]))[0] < 0.2 * before
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_verify_overhead_learns_when_every_step_drafts(batch):
+    """Requests, verifying requests and draft tokens move together: 2,000 steps of 10 ms extra
+    per verified 4-node draft must be charged to drafting, not to the baseline."""
+    rng = np.random.default_rng(2)
+    model = VerifyOverhead()
+    for _ in range(2000):
+        model.forget()
+        reqs = int(rng.integers(1, 17)) if batch else 1
+        model.observe(reqs, reqs, 4 * reqs, 0.010 * reqs + rng.normal(0, 1e-4))
+    assert model.extra_seconds(1, np.array([4]))[0] == pytest.approx(0.010, rel=0.05)
+    assert model.extra_seconds(8, np.array([4]))[0] == pytest.approx(0.080, rel=0.05)
+    assert model.coef[:2] == pytest.approx([0.0, 0.0], abs=1e-9)  # no plain step seen

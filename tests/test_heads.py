@@ -225,3 +225,21 @@ def test_config_from_dict_unknown_keys():
 def test_config_from_dict_missing_keys():
     with pytest.raises(ValueError, match="vocab_size"):
         MedusaConfig.from_dict({"hidden_size": 8, "num_heads": 1})
+
+
+def test_shipped_assets_carry_no_machine_paths():
+    """Committed heads name their base model by its hub name, and no asset holds a path of
+    the machine that trained it."""
+    import json
+    import re
+
+    from vllm_medusa.paths import assets_dir
+
+    folder = assets_dir() / "heads" / "smollm2-135m-instruct"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    machine_path = re.compile(r'"(/|~/|[A-Za-z]:\\\\)[^"]*"')
+    for path in sorted(assets_dir().rglob("*")):
+        if path.suffix in (".json", ".md", ".txt"):
+            found = machine_path.findall(path.read_text())
+            assert not found, f"{path.name} holds machine paths: {found}"

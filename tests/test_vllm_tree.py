@@ -299,6 +299,44 @@ def test_requests_that_cannot_speculate_decode_plainly(tmp_path, smollm2_dir, or
         assert a.keys() == b.keys()
 
 
+def test_near_the_context_limit_only_eligible_requests_draft(tmp_path, smollm2_dir, oracle_heads):
+    """Generations that run into a small max_model_len with a 63-node tree.
+
+    Past ``max_model_len - 63`` tokens vLLM's own fallback would give every request 63 zero
+    drafts (sampled ones included) and skip the proposer; with two requests at a time, the
+    1-token prompt is admitted while another request decodes, where vLLM would pad it with 63
+    placeholder drafts. Sampled requests must never draft; greedy ones stay identical.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    def chat(prompt):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    greedy = {"temperature": 0, "max_tokens": 200}
+    sampled = {"temperature": 0.8, "seed": 11, "max_tokens": 200}
+    prompts = [chat(ORACLE_PROMPTS[0]), chat(ORACLE_PROMPTS[1]), [tok.encode("The")[0]]]
+    prompts += [chat(ORACLE_PROMPTS[2])]
+    sampling = [greedy, sampled, sampled, greedy]
+    engine = {**ENGINE, "max_model_len": 128, "max_num_seqs": 2}
+    job = {"engine": engine, "prompt_token_ids": prompts, "sampling_per_prompt": sampling}
+    plain = run_engine_job({"model": str(smollm2_dir), **job}, tmp_path, "limit-plain")
+    job["engine"] = {**engine, "per_request_spec_decode_metrics": "summary"}
+    medusa = _medusa(tmp_path, "limit", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
+    drafts = medusa["draft_tokens"]
+    assert drafts[1] == 0 and drafts[2] == 0, drafts  # sampled: never a draft
+    assert drafts[0] > 0 and drafts[3] > 0, drafts
+    for k in (0, 3):
+        assert medusa["token_ids"][k] == plain["token_ids"][k], first_divergence(
+            [plain["token_ids"][k]], [medusa["token_ids"][k]]
+        )
+        assert medusa["finish_reasons"][k] == plain["finish_reasons"][k] == "length"
+
+
 @pytest.mark.parametrize(
     ("medusa", "message"),
     [
@@ -336,6 +374,21 @@ def test_num_speculative_tokens_must_match_tree(tmp_path, smollm2_dir, oracle_he
     }
     stderr = run_engine_job_expecting_failure(job, tmp_path, "bad-k")
     assert "set num_speculative_tokens=63" in stderr
+
+
+def test_engine_features_tree_medusa_cannot_serve_fail_at_start(
+    tmp_path, smollm2_dir, oracle_heads
+):
+    """One engine-level refusal (the others are unit tests of startup_checks): a long-prefill
+    threshold that would cut a 64-token verification step short."""
+    job = {
+        "model": str(smollm2_dir),
+        "engine": {**ENGINE, "long_prefill_token_threshold": 16},
+        "prompts": ["hi"],
+        "medusa": {"heads": str(oracle_heads), "tree": "mc_sim_7b_63"},
+    }
+    stderr = run_engine_job_expecting_failure(job, tmp_path, "bad-threshold")
+    assert "long_prefill_token_threshold=16 is below one tree verification (64 tokens)" in stderr
 
 
 def test_heads_for_another_model_fail_at_start(tmp_path, smollm2_dir):

@@ -45,13 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input (heads, trees, options, data): one line, no traceback."""
+    from vllm_medusa.core.checkpoint import CheckpointError
+    from vllm_medusa.core.tree import TreeError
+    from vllm_medusa.integration.options import MedusaConfigError
+    from vllm_medusa.training.common import TrainingError
+    from vllm_medusa.training.conversations import ConversationFileError
+
+    return CheckpointError, TreeError, MedusaConfigError, TrainingError, ConversationFileError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except _user_errors() as e:  # evaluated only when an exception propagates
+        message = " ".join(str(e).split())
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

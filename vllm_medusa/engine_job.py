@@ -10,7 +10,9 @@ JOB: {"model": str, "engine": {LLM kwargs}, "medusa": {"heads": dir, "tree": ...
       "sampling": {SamplingParams kwargs} | "sampling_per_prompt": [{...}],
       "one_at_a_time": bool}
 OUT: {"token_ids": [[int]], "texts": [str], "finish_reasons": [str], "logprobs": [...],
-      "prompt_logprobs": [...], "spec": {summary} | null, "seconds": float}
+      "prompt_logprobs": [...], "spec": {summary} | null, "seconds": float,
+      "draft_tokens": [int | null] (per request; with engine
+      {"per_request_spec_decode_metrics": "summary"})}
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ import json
 import os
 import sys
 import time
+
+
+def _draft_tokens(completion) -> int | None:
+    """Draft tokens vLLM scheduled for one request (None without per-request metrics)."""
+    metrics = getattr(completion, "spec_decode_metrics", None)
+    return None if metrics is None else metrics.num_draft_tokens
 
 
 def main() -> None:
@@ -78,6 +86,7 @@ def main() -> None:
         "prompt_logprobs": [_lp(o.prompt_logprobs) for o in outs],
         "seconds": seconds,
         "spec": None,
+        "draft_tokens": [_draft_tokens(o.outputs[0]) for o in outs],
     }
     spec = summarize_vllm_metrics(llm.get_metrics())
     if spec.num_drafts:

@@ -51,7 +51,12 @@ def parse_tree_option(value: str | None):
     if stripped.startswith("["):
         import json
 
-        return json.loads(stripped)
+        from vllm_medusa.core.tree import TreeError
+
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise TreeError(f"--medusa-tree is not valid JSON: {e}") from None
     return value
 
 

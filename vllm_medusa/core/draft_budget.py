@@ -121,25 +121,38 @@ class VerifyOverhead:
     The table times the forward pass and LM head (and, separately, the heads); a real step
     also spends time on attention over the context, the tree attention fix-up, acceptance,
     KV compaction and the runner's bookkeeping. The residual of each measured decode step
-    (measured - table) is fitted by exponentially weighted least squares::
+    (measured - table) is modelled as::
 
         residual = r0 + r1 * R + a * B + c * D
 
     with ``R`` requests in the step, ``B`` of them verifying drafts, ``D`` draft tokens.
     ``a * B + c * B * n`` is then the extra time of drafting ``n`` nodes for ``B`` requests.
-    A ridge pulls ``a`` and ``c`` towards 0, so that with few verifying steps (a new engine,
-    or one that stopped drafting long ago) the table's own estimate is trusted.
+
+    One least-squares fit of all four terms is not identifiable when every step drafts
+    (``R``, ``B`` and ``D`` then move together, and the residual could be anyone's), so the
+    fit has two stages, each by exponentially weighted least squares:
+
+    - the baseline ``r0 + r1 * R`` from steps with nothing to verify only;
+    - ``a`` and ``c`` from verifying steps, on their residual minus that baseline.
+
+    Until a plain step is seen the baseline is 0 (the table is trusted for plain decoding), so
+    an engine that always drafts charges its whole residual to drafting: it may then draft
+    less, which shows it plain steps and corrects the baseline; the opposite error (drafting
+    looking free) would never be corrected. A ridge pulls ``a`` and ``c`` towards 0, so with
+    few verifying steps (a new engine, or one that stopped drafting long ago) the table's own
+    estimate is trusted.
     """
 
     def __init__(self, decay: float = 0.995, ridge: float = 1.0):
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.decay = decay
-        # Tiny ridge on r0, r1 (always observed), a real one on the drafting terms.
-        self.ridge = np.diag([1e-6, 1e-6, ridge, ridge])
-        self.xtx = np.zeros((4, 4))
-        self.xty = np.zeros(4)
-        self.coef = np.zeros(4)
+        self.base_ridge = np.diag([1e-6, 1e-6])  # only to make one-size batches solvable
+        self.draft_ridge = np.diag([ridge, ridge])
+        # Sufficient statistics of x = [1, R, B, D], for plain and for verifying steps.
+        self.xtx = np.zeros((2, 4, 4))
+        self.xty = np.zeros((2, 4))
+        self.coef = np.zeros(4)  # [r0, r1, a, c]
         self.num_verify_steps = 0.0
 
     def forget(self) -> None:
@@ -151,11 +164,14 @@ class VerifyOverhead:
         self, num_requests: int, num_verifying: int, num_draft_tokens: int, residual: float
     ) -> None:
         x = np.array([1.0, num_requests, num_verifying, num_draft_tokens])
-        self.xtx += np.outer(x, x)
-        self.xty += x * residual
-        if num_verifying:
-            self.num_verify_steps += 1
-        self.coef = np.linalg.solve(self.xtx + self.ridge, self.xty)
+        kind = int(num_verifying > 0)
+        self.xtx[kind] += np.outer(x, x)
+        self.xty[kind] += x * residual
+        self.num_verify_steps += kind
+        base = np.linalg.solve(self.xtx[0, :2, :2] + self.base_ridge, self.xty[0, :2])
+        xtx, xty = self.xtx[1], self.xty[1]
+        draft = np.linalg.solve(xtx[2:, 2:] + self.draft_ridge, xty[2:] - xtx[2:, :2] @ base)
+        self.coef = np.concatenate([base, draft])
 
     def extra_seconds(self, num_drafting: int, num_nodes: np.ndarray) -> np.ndarray:
         """Extra time of a step in which ``num_drafting`` requests verify ``num_nodes`` nodes

@@ -38,8 +38,15 @@ def install() -> None:
     if _installed:
         return
     check_vllm_version()
-    from vllm_medusa.integration import runner_patches, tree_attention
+    from vllm_medusa.integration import (
+        config_patches,
+        runner_patches,
+        scheduler_patches,
+        tree_attention,
+    )
 
+    config_patches.patch_engine_args()
     tree_attention.register_tree_attention_backend()
     runner_patches.patch_model_runner()
+    scheduler_patches.patch_scheduler()
     _installed = True

@@ -28,6 +28,7 @@ from vllm_medusa.core.draft_budget import (
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.sequential_heads import SequentialHeads, SequentialTreePlan
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
+from vllm_medusa.integration import startup_checks
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
 
 # Under vLLM's logger, so that messages reach its handler and format.
@@ -55,18 +56,31 @@ def resolve_tree(options: MedusaTreeOptions, heads_dir: Path, num_heads: int) ->
 def request_can_speculate(sampling_params) -> bool:
     """Whether greedy tree verification reproduces exactly what this request would decode.
 
-    Requests outside this set are decoded plainly (no drafts), which is always correct.
+    Tree verification accepts a draft when it equals the argmax of the raw logits. That is
+    what the request decodes only when it samples greedily and nothing in vLLM 0.32's V1
+    sampler changes the argmax for it. Audited against ``Sampler.forward`` /
+    ``apply_logits_processors``: allowed-token mask, bad words, the non-argmax-invariant
+    logits processors (``min_tokens``; ``logit_bias`` is refused by vLLM with speculative
+    decoding, and so are engine-level custom logits processors), penalties and the thinking
+    token budget; besides, trace replay forces tokens and structured output masks the
+    logits. ``min_p``, ``top_p`` and ``top_k`` keep the argmax; watermarking needs the V2
+    runner, which does not serve Medusa. ``logprob_token_ids`` (generative scoring) is
+    left out too: its logprobs come from the sampler's own path.
+
+    Requests outside this set get no drafts and are decoded plainly, which is always correct.
     """
     sp = sampling_params
     if sp is None or sp.temperature >= _GREEDY_EPS:
         return False
     if sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1:
         return False
-    if sp.logit_bias or sp.allowed_token_ids or getattr(sp, "bad_words", None):
+    if sp.logit_bias or sp.allowed_token_ids or sp.bad_words or sp._bad_words_token_ids:
         return False
-    if sp.min_tokens or getattr(sp, "logits_processors", None):
+    if sp.min_tokens or sp.thinking_token_budget is not None:
         return False
-    return getattr(sp, "structured_outputs", None) is None
+    if sp.trace_decode_token_ids or sp.logprob_token_ids:
+        return False
+    return sp.structured_outputs is None
 
 
 def _token_grid(limit: int) -> list[int]:
@@ -108,6 +122,7 @@ class TreeMedusaProposer(MedusaProposer):
                 f"speculative_config.num_speculative_tokens is {self.num_speculative_tokens}: "
                 f"set num_speculative_tokens={self.tree.num_nodes} (one draft token per node)"
             )
+        startup_checks.check_engine(vllm_config, self.tree, self.options.draft_budget)
         self.buffers = self.tree.buffers(device)
         self.sequential = isinstance(self.heads, SequentialHeads)
         self.sequential_plan = (

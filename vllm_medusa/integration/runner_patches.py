@@ -10,11 +10,19 @@ Each wrapper defers to vLLM's own method unless the runner's drafter is a
   of the chain rejection sampler, then KV compaction of the accepted nodes.
 - ``GPUModelRunner.propose_draft_token_ids``: heads read the hidden state of the last accepted
   node (not the chain's last row) and fill the tree; the draft budget picks how much of it.
-- ``Worker.compile_or_warm_up_model`` (and the CPU worker's override): afterwards, the
-  proposer times forward passes for the draft budget's step-cost table.
+- ``GPUModelRunner._input_fits_in_drafter``: always true for the tree drafter. vLLM's fallback
+  (a request near ``max_model_len``) would give *every* request ``N`` zero drafts and skip the
+  proposer; the tree proposer decides which requests draft, and the scheduler already cuts
+  each request's drafts to what fits (a breadth-first prefix of the tree is a tree).
+- ``Worker.compile_or_warm_up_model`` (and the CPU worker's override): before it, the built
+  model's attention layers and KV-cache groups are checked (:mod:`.startup_checks`);
+  afterwards, the proposer times forward passes for the draft budget's step-cost table.
+- ``Scheduler.__init__`` (:mod:`.scheduler_patches`): no placeholder drafts for new requests.
+- ``EngineArgs.create_speculative_config`` (:mod:`.config_patches`): a missing
+  ``num_speculative_tokens`` is derived from the tree.
 
-The scheduler needs no patch: it already takes per-request draft lists of any length, rolls
-``num_computed_tokens`` back by the number of rejected drafts (correct once the accepted
+Otherwise the scheduler is left as it is: it takes per-request draft lists of any length,
+rolls ``num_computed_tokens`` back by the number of rejected drafts (correct once the accepted
 nodes' KV sits in consecutive slots) and stops requests token by token.
 """
 
@@ -29,7 +37,7 @@ from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_medusa.core.acceptance import longest_accepted_path
-from vllm_medusa.integration import tree_attention
+from vllm_medusa.integration import startup_checks, tree_attention
 from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
 
 PLACEHOLDER_TOKEN_ID = -1
@@ -38,6 +46,31 @@ PLACEHOLDER_TOKEN_ID = -1
 def _tree_drafter(runner) -> TreeMedusaProposer | None:
     drafter = getattr(runner, "drafter", None)
     return drafter if isinstance(drafter, TreeMedusaProposer) else None
+
+
+def speculating_requests(runner, num_reqs: int) -> np.ndarray:
+    """``[num_reqs]`` bool, in batch order: which requests greedy verification may draft for."""
+    requests = runner.requests
+    return np.array(
+        [
+            request_can_speculate(requests[req_id].sampling_params)
+            for req_id in runner.input_batch.req_ids[:num_reqs]
+        ],
+        dtype=bool,
+    )
+
+
+def real_draft_counts(runner, spec_md) -> np.ndarray:
+    """``[B]`` draft tokens each request really drafted: 0 for requests that must not
+    speculate and for placeholder drafts (negative ids) that vLLM may schedule on its own."""
+    num_draft = np.asarray(spec_md.num_draft_tokens, dtype=np.int64)
+    first = np.cumsum(num_draft) - num_draft
+    has = num_draft > 0
+    real = np.zeros_like(has)
+    draft_ids = spec_md.draft_token_ids
+    real[has] = draft_ids[torch.from_numpy(first[has])].cpu().numpy() >= 0
+    real &= speculating_requests(runner, len(num_draft))
+    return np.where(real, num_draft, 0)
 
 
 # ---- _prepare_inputs: positions and attention plan -------------------------------------------
@@ -123,8 +156,9 @@ def _wrap_prepare_inputs(original):
 # ---- _sample: tree acceptance and KV compaction ---------------------------------------------
 
 
-def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer):
-    """Greedy longest-path acceptance for every request of the batch.
+def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer, verify=None):
+    """Greedy longest-path acceptance for every request of the batch; ``verify`` ``[B]`` bool
+    (default all): requests whose drafts may be accepted at all.
 
     Returns (num_accepted [B], accepted_nodes [B, D], accepted_tokens [B, D], last_node [B],
     first_row [B]) where ``first_row`` is each request's first logits row (its tree root).
@@ -147,6 +181,8 @@ def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer):
     node_tokens[is_draft] = spec_md.draft_token_ids.to(torch.long)
     parents = drafter.buffers.parents.clamp(min=0)
     node_ok = (node_tokens == argmax[:, parents]) & is_draft
+    if verify is not None:
+        node_ok &= verify[:, None]
     num_acc, nodes, tokens, last = longest_accepted_path(node_ok, node_tokens, drafter.buffers)
     return num_acc, nodes, tokens, last, first_row
 
@@ -204,10 +240,12 @@ def _wrap_sample(original):
         sampling_metadata = self.input_batch.sampling_metadata
         self.input_batch.update_async_output_token_ids()
 
-        num_acc, nodes, tokens, last, first_row = tree_accept_greedy(logits, spec_md, drafter)
-        drafter.record_acceptance(
-            np.asarray(spec_md.num_draft_tokens, dtype=np.int64), nodes.cpu().numpy()
+        real_drafts = real_draft_counts(self, spec_md)
+        verify = torch.from_numpy(real_drafts > 0).to(logits.device)
+        num_acc, nodes, tokens, last, first_row = tree_accept_greedy(
+            logits, spec_md, drafter, verify
         )
+        drafter.record_acceptance(real_drafts, nodes.cpu().numpy())
         bonus_rows = first_row + last
         # The bonus token goes through vLLM's sampler: requests without drafts (sampling,
         # penalties, ...) are sampled exactly as plain decoding would sample them.
@@ -246,11 +284,8 @@ def _wrap_sample(original):
 def _tree_drafts(runner, drafter, sampled_token_ids, sample_hidden_states, spec_decode_metadata):
     b = len(sampled_token_ids)
     drafts: list[list[int]] = [[] for _ in range(b)]
-    eligible = [
-        i
-        for i, req_id in enumerate(runner.input_batch.req_ids[:b])
-        if sampled_token_ids[i] and request_can_speculate(runner.requests[req_id].sampling_params)
-    ]
+    can_speculate = speculating_requests(runner, b)
+    eligible = [i for i in range(b) if sampled_token_ids[i] and can_speculate[i]]
     num_nodes = drafter.nodes_for_step(len(eligible), b - len(eligible)) if eligible else 0
     if num_nodes == 0:
         return drafts
@@ -314,9 +349,22 @@ def _wrap_propose(original):
     return propose_draft_token_ids
 
 
+def _wrap_input_fits_in_drafter(original):
+    @functools.wraps(original)
+    def _input_fits_in_drafter(self, common_attn_metadata):
+        if _tree_drafter(self) is None:
+            return original(self, common_attn_metadata)
+        return common_attn_metadata is not None
+
+    _input_fits_in_drafter.__vllm_medusa_patch__ = True
+    return _input_fits_in_drafter
+
+
 def _wrap_compile_or_warm_up(original):
     @functools.wraps(original)
     def compile_or_warm_up_model(self):
+        if _tree_drafter(self.model_runner) is not None:
+            startup_checks.check_model(self.model_runner)
         result = original(self)
         drafter = _tree_drafter(self.model_runner)
         if drafter is not None:
@@ -351,3 +399,6 @@ def patch_model_runner() -> None:
     GPUModelRunner._prepare_inputs = _wrap_prepare_inputs(GPUModelRunner._prepare_inputs)
     GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
     GPUModelRunner.propose_draft_token_ids = _wrap_propose(GPUModelRunner.propose_draft_token_ids)
+    GPUModelRunner._input_fits_in_drafter = _wrap_input_fits_in_drafter(
+        GPUModelRunner._input_fits_in_drafter
+    )

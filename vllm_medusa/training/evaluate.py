@@ -402,7 +402,8 @@ def _run(args: argparse.Namespace) -> int:
     lm = base_lm_head_weight(model)
     embed = model.get_input_embeddings().weight.detach()
     report, cand = evaluate_heads(heads, cache, lm, trees, embed_weight=embed)
-    report = {"heads": str(heads_dir), "model": str(model_path), "data": source} | report
+    # Names, not paths: reports get committed beside shipped heads.
+    report = {"heads": heads_dir.name, "model": model_path.name, "data": Path(source).name} | report
     cand_path = output.with_name(output.stem + ".topk.safetensors")
     output.parent.mkdir(parents=True, exist_ok=True)
     cand.save(cand_path)

@@ -369,7 +369,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg,
         args.output,
         resume=args.resume,
-        base_model_name=str(model_path),
+        base_model_name=model_path.name,
     )
     if not result.finished:
         print(
