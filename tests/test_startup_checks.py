@@ -22,6 +22,7 @@ def _config(**overrides):
         get_sliding_window=lambda: window,
         uses_mrope=overrides.pop("uses_mrope", False),
         logits_processors=overrides.pop("logits_processors", None),
+        logprobs_mode=overrides.pop("logprobs_mode", "raw_logprobs"),
     )
     config = SimpleNamespace(
         model_config=model,
@@ -43,6 +44,7 @@ def test_a_plain_cpu_engine_has_no_problems():
     assert _problems(_config()) == []
     assert _problems(_config(long_prefill=9)) == []  # room for 1 + 8 tree tokens
     assert _problems(_config(tp=2), budget="full") == []
+    assert _problems(_config(logprobs_mode="raw_logits")) == []
     assert _problems(_config(), is_chain=True, platform="cuda") == []  # chains are exact
 
 
@@ -58,6 +60,8 @@ def test_a_plain_cpu_engine_has_no_problems():
         ({}, {"tp": 2}, "draft_budget='auto' under tensor parallelism"),
         ({}, {"long_prefill": 8}, "long_prefill_token_threshold=8 is below one tree"),
         ({}, {"logits_processors": ["pkg.Proc"]}, "custom logits processors"),
+        ({}, {"logprobs_mode": "processed_logprobs"}, "logprobs_mode='processed_logprobs'"),
+        ({}, {"logprobs_mode": "processed_logits"}, "logprobs_mode='processed_logits'"),
     ],
 )
 def test_engine_features_are_refused_by_name(kwargs, config, message):
@@ -91,3 +95,20 @@ def test_attention_layer_features_are_refused_by_name(attrs, message):
 def test_several_kv_cache_groups_are_refused():
     problems = attention_problems([object(), object()], [_impl()])
     assert problems == ["the model has 2 KV-cache groups (mixed attention types)"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits"])
+def test_emitted_logprobs_are_what_vllms_sampler_reports(mode):
+    """Tree tokens' logprobs use the sampler's own values for the served logprobs modes."""
+    import torch
+    from vllm.v1.sample.sampler import Sampler
+
+    from vllm_medusa.integration.runner_patches import emitted_logprobs
+
+    sampler = Sampler(logprobs_mode=mode)
+    logits = torch.randn(5, 11)
+    got = emitted_logprobs(sampler, logits)
+    want = logits if mode == "raw_logits" else torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got.data_ptr() != logits.data_ptr()  # never a view the caller could change

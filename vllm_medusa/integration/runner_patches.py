@@ -187,6 +187,14 @@ def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer, verify=None
     return num_acc, nodes, tokens, last, first_row
 
 
+def emitted_logprobs(sampler, logits: torch.Tensor) -> torch.Tensor:
+    """What vLLM's sampler reports as logprobs for these rows under its ``logprobs_mode``
+    (the raw modes; the processed ones are refused at engine start)."""
+    if sampler.logprobs_mode == "raw_logits":
+        return logits.to(torch.float32, copy=True)
+    return sampler.compute_logprobs(logits)
+
+
 def compact_accepted_kv(runner, spec_md, nodes, num_acc, first_row) -> None:
     """Move the K/V of accepted nodes from their tree slots to consecutive positions.
 
@@ -263,7 +271,7 @@ def _wrap_sample(original):
             # Each emitted token's logprob comes from the node before it on the path.
             path = torch.cat([torch.zeros_like(last)[:, None], nodes.clamp(min=0)], dim=1)
             emit_rows = (first_row[:, None] + path).reshape(-1)
-            logprobs = self.sampler.compute_logprobs(logits[emit_rows])
+            logprobs = emitted_logprobs(self.sampler, logits[emit_rows])
             logprobs_tensors = self.sampler.gather_logprobs(
                 logprobs, sampling_metadata.max_num_logprobs, sampled.clamp(min=0).reshape(-1)
             )

@@ -23,6 +23,11 @@ def _text_config(model_config):
     return getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
 
 
+# Logprobs of emitted tokens come from the raw logits of the node before each token (the
+# processed values would need the sampler's per-request processing at every tree node).
+SERVED_LOGPROBS_MODES = ("raw_logprobs", "raw_logits")
+
+
 def engine_config_problems(
     vllm_config, num_nodes: int, is_chain: bool, draft_budget: str, platform: str
 ) -> list[str]:
@@ -56,6 +61,12 @@ def engine_config_problems(
         )
     if getattr(model_config, "logits_processors", None):
         problems.append("custom logits processors (logits_processors) are configured")
+    mode = getattr(model_config, "logprobs_mode", "raw_logprobs")
+    if mode not in SERVED_LOGPROBS_MODES:
+        problems.append(
+            f"logprobs_mode={mode!r}: logprobs of accepted tree tokens are served for "
+            f"{' and '.join(SERVED_LOGPROBS_MODES)} only"
+        )
     return problems
 
 
