@@ -226,8 +226,15 @@ def test_tree_file(tmp_path):
     assert load_heads(tmp_path / "with").checkpoint_info.tree == tree
     assert read_tree_file(tmp_path / "without") is None
     assert load_heads(tmp_path / "without").checkpoint_info.tree is None
-    (tmp_path / "with" / "tree.json").write_text('{"paths": [[0], "x"]}')
-    with pytest.raises(CheckpointError, match="list of lists of integers"):
+    # A bare list, as the `tree` option takes it, is a tree file too.
+    (tmp_path / "with" / "tree.json").write_text(json.dumps(tree))
+    assert load_heads(tmp_path / "with").checkpoint_info.tree == tree
+    for malformed in ('{"paths": [[0], "x"]}', '{"nodes": [[0]]}', "[[0], [true]]", "7"):
+        (tmp_path / "with" / "tree.json").write_text(malformed)
+        with pytest.raises(CheckpointError, match="expected a list of rank paths"):
+            read_tree_file(tmp_path / "with")
+    (tmp_path / "with" / "tree.json").write_text("[[0], [0")
+    with pytest.raises(CheckpointError, match="cannot read .*tree.json"):
         read_tree_file(tmp_path / "with")
 
 

@@ -133,12 +133,19 @@ def read_tree_file(path: str | Path) -> list[list[int]] | None:
     tree_file = path / TREE_FILE if path.is_dir() else path
     if not tree_file.exists():
         return None
-    paths = _read_json(tree_file).get("paths")
+    try:
+        data = json.loads(tree_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {tree_file}: {exc}") from exc
+    # A bare list of paths, as the `tree` option takes, or {"paths": [...], ...}.
+    paths = data.get("paths") if isinstance(data, dict) else data
     if not isinstance(paths, list) or not all(
         isinstance(p, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in p)
         for p in paths
     ):
-        raise CheckpointError(f"{tree_file}: 'paths' must be a list of lists of integers")
+        raise CheckpointError(
+            f'{tree_file}: expected a list of rank paths (lists of integers) or {{"paths": [...]}}'
+        )
     return [list(p) for p in paths]
 
 
