@@ -224,7 +224,7 @@ def test_path_frequency_tree_matches_simulated_acceptance_and_brute_force():
         return sum(freq.get(tuple(p), 0.0) for p in paths)
 
     for budget in (1, 2, 3, 4):
-        grown = grow_tree_from_paths(cand, budget, r, fallback=[[0], [1], [2]])
+        grown = grow_tree_from_paths(freq, budget, fallback=[[0], [1], [2]])
         tree = MedusaTree.from_paths(grown)
         # expected accepted length of the tree = mean simulated acceptance over positions
         assert abs(value(grown) - accepted_lengths(cand, tree).double().mean().item()) < 1e-9

@@ -523,24 +523,25 @@ def test_training_code_does_not_import_vllm():
 # -------------------------------------------------------------------------- end to end
 
 
+def cli(*args) -> str:
+    """``vllm-medusa ARGS`` in a subprocess; fails the test with its output on error."""
+    r = subprocess.run(
+        [sys.executable, "-m", "vllm_medusa.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path):
     """distill -> train -> eval-heads -> calibrate-tree on SmolLM2, tiny data."""
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
     data = tmp_path / "distill.jsonl"
     heads = tmp_path / "heads"
-
-    def cli(*args):
-        r = subprocess.run(
-            [sys.executable, "-m", "vllm_medusa.cli", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=900,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout
 
     out = cli("distill", "--quick", "--output", str(data))
     convs = read_conversations(data)
@@ -580,20 +581,7 @@ def test_quick_sequential_pipeline_end_to_end(tmp_path):
     from vllm_medusa.core.sequential_heads import SequentialHeads
     from vllm_medusa.training.teacher import load_teacher_data
 
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
     data, heads = tmp_path / "tf", tmp_path / "seq-heads"
-
-    def cli(*args):
-        r = subprocess.run(
-            [sys.executable, "-m", "vllm_medusa.cli", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=900,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout
 
     # Interrupted after the first shard, then resumed: the second call only appends.
     cli(

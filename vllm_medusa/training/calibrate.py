@@ -103,12 +103,12 @@ def path_frequencies(candidates, max_rank: int) -> dict[tuple[int, ...], float]:
     return freq
 
 
-def grow_tree_from_paths(candidates, budget: int, max_rank: int, fallback) -> list[list[int]]:
+def grow_tree_from_paths(freq: dict, budget: int, fallback) -> list[list[int]]:
     """The tree of ``budget`` nodes with the highest measured expected accepted length:
-    the most frequent rank paths (a child is never more frequent than its parent, so the
-    set is a tree; ties go to the shallower path). Paths never seen are taken from
-    ``fallback`` (the independence growth order) once the seen ones run out."""
-    freq = path_frequencies(candidates, max_rank)
+    the most frequent rank paths (``freq`` from :func:`path_frequencies`; a child is never
+    more frequent than its parent, so the set is a tree; ties go to the shallower path).
+    Paths never seen are taken from ``fallback`` (the independence growth order) once the
+    seen ones run out."""
     order = sorted(freq, key=lambda p: (-freq[p], len(p), p))[:budget]
     seen = set(order)
     for p in fallback:
@@ -137,9 +137,8 @@ def calibrate(
     order = grow_tree(rank_acc, max(budgets), max_rank)
     freq = None
     if candidates is not None:
-        r = max_rank or candidates.topk.shape[2]
-        order = grow_tree_from_paths(candidates, max(budgets), r, order)
-        freq = path_frequencies(candidates, r)
+        freq = path_frequencies(candidates, max_rank or candidates.topk.shape[2])
+        order = grow_tree_from_paths(freq, max(budgets), order)
     rows = []
     for b in sorted(budgets):
         paths = order[:b]

@@ -52,7 +52,7 @@ def evaluate_all(heads, caches: dict, lm_head, embed) -> dict:
     """Per held-out file: top-1 per head, chain tau, and tau of trees grown on the other."""
     from vllm_medusa.core.sequential_heads import SequentialHeads
     from vllm_medusa.core.tree import MedusaTree
-    from vllm_medusa.training.calibrate import grow_tree, grow_tree_from_paths
+    from vllm_medusa.training.calibrate import grow_tree, grow_tree_from_paths, path_frequencies
     from vllm_medusa.training.evaluate import head_candidates, rank_accuracy, simulate_tau
     from vllm_medusa.training.sequential import sequential_candidates
 
@@ -77,7 +77,9 @@ def evaluate_all(heads, caches: dict, lm_head, embed) -> dict:
             "tau_tree": {},
         }
         order = grow_tree_from_paths(
-            other, max(BUDGETS), 10, grow_tree(rank_accuracy(other).tolist(), max(BUDGETS), 10)
+            path_frequencies(other, 10),
+            max(BUDGETS),
+            grow_tree(rank_accuracy(other).tolist(), max(BUDGETS), 10),
         )
         for b in BUDGETS:
             tree = MedusaTree.from_paths(order[:b])

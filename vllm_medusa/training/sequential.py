@@ -64,15 +64,22 @@ class SequentialTrainConfig:
             raise TrainingError("--epochs, --batch-rows and --lr must be positive")
 
 
+def path_positions(cache: HiddenCache, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``idx`` ``[N, K]``: position of path token ``d`` of every row (``t + 1 + d``), and
+    ``path`` ``[N, K]``: its token id (0 past the conversation's end)."""
+    idx = cache.pos[:, None] + torch.arange(1, num_heads + 1)[None, :]
+    last = cache.tokens.numel() - 1
+    path = torch.where(idx < cache.seq_end[:, None], cache.tokens[idx.clamp(max=last)], 0)
+    return idx, path
+
+
 def path_examples(cache: HiddenCache, num_heads: int, greedy_path_only: bool):
     """``path`` ``[N, K]`` (token ids, 0 where past the end) and ``labels`` ``[N, K]`` (full
     ids, -100 where there is none) for every cached row."""
-    offs = torch.arange(1, num_heads + 1)
-    idx = cache.pos[:, None] + offs[None, :]  # position of path token d
+    idx, path = path_positions(cache, num_heads)
     last = cache.tokens.numel() - 1
     # The greedy label after the conversation's last token is not an answer token.
     has_label = idx < (cache.seq_end[:, None] - 1)
-    path = torch.where(idx < cache.seq_end[:, None], cache.tokens[idx.clamp(max=last)], 0)
     labels = cache.next_token[idx.clamp(max=last)]
     ok = has_label & (labels >= 0)
     if greedy_path_only:
@@ -203,11 +210,7 @@ def sequential_candidates(
     from vllm_medusa.training.evaluate import Candidates
 
     k = heads.num_heads
-    offs = torch.arange(1, k + 1)
-    idx = cache.pos[:, None] + offs[None, :]
-    path = torch.where(
-        idx < cache.seq_end[:, None], cache.tokens[idx.clamp(max=cache.tokens.numel() - 1)], 0
-    )
+    _, path = path_positions(cache, k)
     out = torch.empty(cache.num_rows, k, max_rank, dtype=torch.long)
     emb = embed_weight.float()
     for start in tqdm(
