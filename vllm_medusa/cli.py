@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-heads": ("vllm_medusa.training.evaluate", "per-head accuracy and simulated tree tau"),
     "calibrate-tree": ("vllm_medusa.training.calibrate", "grow a tree from measured accuracies"),
     "serve": ("vllm_medusa.serve", "OpenAI-compatible vLLM server with tree Medusa"),
+    "bench": (
+        "vllm_medusa.bench",
+        "plain vs n-gram vs chain vs tree Medusa at several concurrencies (server or offline)",
+    ),
 }
 
 

@@ -28,8 +28,9 @@ from vllm_medusa.core.draft_budget import (
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.sequential_heads import SequentialHeads, SequentialTreePlan
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
-from vllm_medusa.integration import startup_checks
+from vllm_medusa.integration import startup_checks, tree_kernels
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
+from vllm_medusa.integration.tree_attention import TreeMaskLayout
 
 # Under vLLM's logger, so that messages reach its handler and format.
 logger = init_logger(f"vllm.{__name__}")
@@ -133,11 +134,16 @@ class TreeMedusaProposer(MedusaProposer):
         self.base_compute_logits = None
         # Host-side copies for building per-step tree layouts.
         self.node_depths_np = np.asarray(self.tree.depths, dtype=np.int64)
-        self.ancestor_mask_np = self.buffers.ancestor_mask.cpu().numpy()
-        # Node j is exact under the kernel's index-causal mask when its ancestors are exactly
-        # the nodes before it (root, first child, chains); only the others need a tree mask.
-        n = self.tree.num_nodes + 1
-        self._causal_exact = np.array([self.ancestor_mask_np[j, : j + 1].all() for j in range(n)])
+        self.mask_layout = TreeMaskLayout(self.buffers.ancestor_mask.cpu().numpy())
+        if len(self.mask_layout.fix_nodes) and tree_kernels.use_compiled():
+            # Built (or loaded from the per-machine cache) now, so a build failure stops the
+            # engine at start; chains need no tree attention and no compaction.
+            start = time.perf_counter()
+            tree_kernels.compiled()
+            logger.info(
+                "Medusa tree attention: compiled CPU kernels ready in %.1f s",
+                time.perf_counter() - start,
+            )
         # Cost-aware draft budget (draft_budget="auto"): the cost tables are measured once the
         # engine's KV cache exists (calibrate_step_cost); until then the whole tree is drafted.
         self.node_acceptance = NodeAcceptance(self.tree.num_nodes)
@@ -299,10 +305,6 @@ class TreeMedusaProposer(MedusaProposer):
             self.tree.depth,
             {b: round(float(self.draft_cost_all_heads(b)) * 1e3, 1) for b in draft_grid},
         )
-
-    def rows_to_fix(self, num_nodes: int) -> np.ndarray:
-        """Tree nodes (1-based within the request) the causal kernel gets wrong."""
-        return np.nonzero(~self._causal_exact[1 : num_nodes + 1])[0] + 1
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         if self.sequential:

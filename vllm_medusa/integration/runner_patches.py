@@ -37,7 +37,7 @@ from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_medusa.core.acceptance import longest_accepted_path
-from vllm_medusa.integration import startup_checks, tree_attention
+from vllm_medusa.integration import startup_checks, tree_attention, tree_kernels
 from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
 
 PLACEHOLDER_TOKEN_ID = -1
@@ -90,48 +90,24 @@ def _tree_rows(runner, spec_md, num_scheduled_tokens: np.ndarray):
 def build_tree_plan(runner, drafter: TreeMedusaProposer, spec_md, num_scheduled_tokens):
     """Set tree positions; return the attention plan (None when the kernel is exact)."""
     root_rows, root_pos, num_draft = _tree_rows(runner, spec_md, num_scheduled_tokens)
-    tree_reqs = np.nonzero(num_draft > 0)[0]
-    if len(tree_reqs) == 0:
+    total = int(num_draft.sum())
+    if total == 0:
         return None
-    depths = drafter.node_depths_np
-    positions = runner.positions
-    for i in tree_reqs:
-        n = int(num_draft[i])
-        start = int(root_rows[i]) + 1
-        positions[start : start + n] = torch.from_numpy(root_pos[i] + depths[1 : n + 1])
-
-    fix = [(i, drafter.rows_to_fix(int(num_draft[i]))) for i in tree_reqs]
-    fix = [(i, rows) for i, rows in fix if len(rows)]
-    if not fix:
-        return None
+    # Node m of a request sits at row root_row + m and position root_pos + depth(m).
+    req = np.repeat(np.arange(len(num_draft)), num_draft)  # [total]
+    node = np.arange(total) - (np.cumsum(num_draft) - num_draft)[req] + 1
+    rows = torch.from_numpy(root_rows[req] + node)
+    runner.positions[rows] = torch.from_numpy(root_pos[req] + drafter.node_depths_np[node]).to(
+        runner.positions.dtype
+    )
     block_table = runner.input_batch.block_table[0]
-    block_size = block_table.block_size
-    bt = block_table.block_table.np
-    ancestor = drafter.ancestor_mask_np
-    max_rows = max(len(rows) for _, rows in fix)
-    max_keys = max(int(root_pos[i] + num_draft[i]) + 1 for i, _ in fix)
-    max_blocks = -(-max_keys // block_size)
-    r = len(fix)
-    q_rows = np.zeros((r, max_rows), dtype=np.int64)
-    q_valid = np.zeros((r, max_rows), dtype=bool)
-    kv_blocks = np.zeros((r, max_blocks), dtype=np.int64)
-    mask = np.zeros((r, max_rows, max_blocks * block_size), dtype=bool)
-    mask[:, :, 0] = True  # padding rows attend to something; their output is discarded
-    for k, (i, rows) in enumerate(fix):
-        ctx, n = int(root_pos[i]), int(num_draft[i])
-        used = -(-(ctx + n + 1) // block_size)
-        kv_blocks[k, :used] = bt[i, :used]
-        m = len(rows)
-        q_rows[k, :m] = root_rows[i] + rows
-        q_valid[k, :m] = True
-        mask[k, :m, :ctx] = True
-        mask[k, :m, ctx : ctx + n + 1] = ancestor[rows][:, : n + 1]
-    device = runner.device
-    return tree_attention.TreeAttentionPlan(
-        q_rows=torch.from_numpy(q_rows).to(device),
-        q_valid=torch.from_numpy(q_valid).to(device),
-        kv_blocks=torch.from_numpy(kv_blocks).to(device),
-        mask=torch.from_numpy(mask).unsqueeze(1).to(device),
+    return drafter.mask_layout.plan(
+        root_rows,
+        root_pos,
+        num_draft,
+        block_table.block_table.np,
+        block_table.block_size,
+        runner.device,
     )
 
 
@@ -214,7 +190,14 @@ def compact_accepted_kv(runner, spec_md, nodes, num_acc, first_row) -> None:
     slot_mapping = runner.input_batch.block_table[0].slot_mapping.gpu
     src_slots = slot_mapping[logits_indices[src_logit_rows]]
     dst_slots = slot_mapping[logits_indices[dst_logit_rows]]
-    for layer, kv_cache in _attention_layers(runner):
+    layers = _attention_layers(runner)
+    if tree_kernels.use_compiled():
+        # One call for every layer; pairs are in increasing depth per request (safe in order).
+        tree_kernels.compiled().copy_kv_slots(
+            [kv for _, kv in layers], src_slots.to(torch.int64), dst_slots.to(torch.int64)
+        )
+        return
+    for layer, kv_cache in layers:
         key, value = tree_attention.read_kv(kv_cache, src_slots)
         tree_attention.write_kv(layer, kv_cache, key, value, dst_slots)
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from vllm_medusa.integration import tree_kernels
 
 # ISAs whose K/V packing inside a page was checked by :func:`check_kv_layout` at first use.
 _LAYOUT_CHECKED: set[str] = set()
@@ -29,17 +32,74 @@ _LAYOUT_CHECKED: set[str] = set()
 class TreeAttentionPlan:
     """The rows one forward pass must recompute with a tree mask.
 
-    R tree requests, up to M rows to fix and up to P pages (of ``block_size`` keys) per
-    request: ``q_rows`` ``[R, M]`` global token rows (padding: 0), ``q_valid`` ``[R, M]``,
-    ``kv_blocks`` ``[R, P]`` the request's KV-cache blocks in position order (padding: 0),
-    ``mask`` ``[R, 1, M, P * block_size]`` bool (True = may attend; keys past the request's
-    last position are masked).
+    F rows to fix, each a tree node of one request: ``rows`` ``[F]`` global token rows,
+    ``prefix_len`` ``[F]`` the request's cached prefix (keys ``[0, prefix_len)`` all visible),
+    ``tree_keys`` ``[F, A]`` the key positions of the root, the node's ancestors and the node
+    itself (``-1`` padding), ``blocks`` ``[F, P]`` the request's KV-cache blocks in position
+    order (a key at position ``p`` lives in block ``blocks[f, p // block_size]``).
     """
 
-    q_rows: torch.Tensor
-    q_valid: torch.Tensor
-    kv_blocks: torch.Tensor
-    mask: torch.Tensor
+    rows: torch.Tensor
+    prefix_len: torch.Tensor
+    tree_keys: torch.Tensor
+    blocks: torch.Tensor
+
+
+class TreeMaskLayout:
+    """Per-tree constants for building plans: which nodes the causal kernel gets wrong, and
+    each node's visible tree nodes (root, ancestors, itself) as a padded table."""
+
+    def __init__(self, ancestor_mask: np.ndarray):
+        # ancestor_mask [N+1, N+1] bool: row j = nodes node j may see (root = node 0).
+        n = ancestor_mask.shape[0]
+        # Node j is exact under the index-causal mask when its visible nodes are exactly the
+        # nodes before it (root, first child, chains); only the others need fixing.
+        causal_exact = np.array([ancestor_mask[j, : j + 1].all() for j in range(n)])
+        self.fix_nodes = np.nonzero(~causal_exact)[0].astype(np.int64)  # ascending node ids
+        width = int(ancestor_mask.sum(axis=1).max())
+        self.visible = np.full((n, width), -1, dtype=np.int64)  # [N+1, A]
+        for j in range(n):
+            nodes = np.nonzero(ancestor_mask[j])[0]
+            self.visible[j, : len(nodes)] = nodes
+
+    def rows_to_fix(self, num_nodes: int) -> np.ndarray:
+        """Tree nodes (1-based within the request) the causal kernel gets wrong when the first
+        ``num_nodes`` nodes are drafted."""
+        return self.fix_nodes[: np.searchsorted(self.fix_nodes, num_nodes, side="right")]
+
+    def plan(
+        self,
+        root_rows: np.ndarray,
+        root_pos: np.ndarray,
+        num_draft: np.ndarray,
+        block_table: np.ndarray,
+        block_size: int,
+        device,
+    ) -> TreeAttentionPlan | None:
+        """The plan for one step: ``root_rows``, ``root_pos``, ``num_draft`` ``[B]`` per request
+        (global row and position of the tree root, drafted nodes), ``block_table``
+        ``[>=B, max_blocks]``. No Python loop over requests or nodes."""
+        counts = np.searchsorted(self.fix_nodes, num_draft, side="right")  # [B]
+        total = int(counts.sum())
+        if total == 0:
+            return None
+        req = np.repeat(np.arange(len(num_draft)), counts)  # [F]
+        first = np.cumsum(counts) - counts
+        node = self.fix_nodes[np.arange(total) - first[req]]  # [F]
+        ctx = root_pos[req]
+        visible = self.visible[node]  # [F, A]
+        tree_keys = np.where(visible >= 0, ctx[:, None] + visible, -1)
+        pages = int((root_pos[req] + num_draft[req]).max()) // block_size + 1
+
+        def tensor(x: np.ndarray) -> torch.Tensor:  # the kernels take contiguous int64
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device)
+
+        return TreeAttentionPlan(
+            rows=tensor(root_rows[req] + node),
+            prefix_len=tensor(ctx),
+            tree_keys=tensor(tree_keys),
+            blocks=tensor(block_table[req, :pages]),
+        )
 
 
 _current_plan: TreeAttentionPlan | None = None
@@ -127,28 +187,49 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         return output
 
     def _recompute_tree_rows(self, plan, query, kv_cache, output) -> None:
-        r, m = plan.q_rows.shape
-        p = plan.kv_blocks.shape[1]
-        # Whole pages, gathered along the block axis (contiguous copies; an element-wise
-        # gather of every slot costs several times more).
-        k_pages, v_pages = _kv_views(kv_cache)  # [nb, Hkv, D, bs], [nb, Hkv, bs, D]
-        blocks = plan.kv_blocks.reshape(-1)
-        k = k_pages[blocks].view(r, p, self.num_kv_heads, self.head_size, -1)
-        k = k.permute(0, 2, 1, 4, 3).reshape(r, self.num_kv_heads, -1, self.head_size)
-        v = v_pages[blocks].view(r, p, self.num_kv_heads, -1, self.head_size)
-        v = v.transpose(1, 2).reshape(r, self.num_kv_heads, -1, self.head_size)
-        q = query[plan.q_rows.reshape(-1)].view(r, m, self.num_heads, self.head_size)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2).to(k.dtype),
-            k,
-            v,
-            attn_mask=plan.mask,
-            scale=self.scale,
-            enable_gqa=self.num_queries_per_kv > 1,
-        )  # [R, H, M, D]
-        out = out.transpose(1, 2)[plan.q_valid]  # [rows, H, D]
-        rows = plan.q_rows[plan.q_valid]
-        output.view(output.shape[0], self.num_heads, self.head_size)[rows] = out.to(output.dtype)
+        out = output.view(output.shape[0], self.num_heads * self.head_size)
+        if tree_kernels.use_compiled():
+            tree_kernels.compiled().tree_attention_rows(
+                query.view(-1, self.num_heads, self.head_size),
+                kv_cache,
+                out,
+                plan.rows,
+                plan.blocks,
+                plan.prefix_len,
+                plan.tree_keys,
+                self.scale,
+            )
+            return
+        out[plan.rows] = tree_rows_reference(plan, query, kv_cache, self.num_heads, self.scale).to(
+            out.dtype
+        )
+
+
+def tree_rows_reference(plan, query, kv_cache, num_heads: int, scale: float) -> torch.Tensor:
+    """The fixed rows ``[F, H * D]`` in plain PyTorch (the compiled kernel's reference)."""
+    block_size = kv_cache.shape[2]
+    f = plan.rows.shape[0]
+    max_prefix = int(plan.prefix_len.max())
+    # Key positions [F, K]: the prefix, then the tree keys; invalid ones masked.
+    prefix = torch.arange(max_prefix, device=query.device).expand(f, -1)
+    positions = torch.cat([prefix, plan.tree_keys], dim=1)
+    valid = torch.cat([prefix < plan.prefix_len[:, None], plan.tree_keys >= 0], dim=1)
+    positions = positions.clamp(min=0)
+    blocks = torch.gather(plan.blocks, 1, positions // block_size)
+    key, value = read_kv(kv_cache, (blocks * block_size + positions % block_size).reshape(-1))
+    kv_heads, head_size = key.shape[1], key.shape[2]
+    key = key.view(f, -1, kv_heads, head_size).transpose(1, 2)  # [F, Hkv, K, D]
+    value = value.view(f, -1, kv_heads, head_size).transpose(1, 2)
+    q = query.view(query.shape[0], num_heads, head_size)[plan.rows].unsqueeze(2)  # [F, H, 1, D]
+    out = F.scaled_dot_product_attention(
+        q.to(key.dtype),
+        key,
+        value,
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=num_heads != kv_heads,
+    )  # [F, H, 1, D]
+    return out.reshape(f, num_heads * head_size)
 
 
 class TreeCPUAttentionBackend(CPUAttentionBackend):

