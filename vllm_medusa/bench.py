@@ -463,6 +463,8 @@ def plot(results: list[Result], out_dir: Path, title: str) -> list[Path]:
         ax.plot([r.concurrency for r in rows], [r.speedup for r in rows], marker="o", label=config)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
+    levels = sorted({r.concurrency for r in results})
+    ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output tokens/s vs plain decoding")
     ax.set_title(title, fontsize=9)
@@ -506,6 +508,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--prompts", choices=("mt-bench", "sharegpt"), default="mt-bench")
     parser.add_argument(
+        "--prompts-file", default=None, help="JSONL prompts instead of --prompts (see data.py)"
+    )
+    parser.add_argument(
         "--num-prompts",
         type=int,
         default=16,
@@ -522,10 +527,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/bench"))
 
 
-def _prompts(kind: str, count: int) -> list[str]:
-    from vllm_medusa.data import mt_bench_first_turns, sharegpt_split
+def _prompts(kind: str, count: int, path: str | None = None) -> list[str]:
+    from vllm_medusa.data import load_prompts_file, mt_bench_first_turns, sharegpt_split
 
-    if kind == "mt-bench":
+    if path is not None:
+        pool = load_prompts_file(path)
+    elif kind == "mt-bench":
         pool = mt_bench_first_turns()
     else:
         pool = [p for _, p, _ in sharegpt_split("heldout")]
@@ -546,7 +553,9 @@ def run(args: argparse.Namespace) -> int:
         if c.removesuffix(PRELOAD_SUFFIX) not in CONFIGS:
             raise SystemExit(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
     levels = sorted(set(args.concurrency))
-    prompts_by_level = [(c, _prompts(args.prompts, max(args.num_prompts, c))) for c in levels]
+    prompts_by_level = [
+        (c, _prompts(args.prompts, max(args.num_prompts, c), args.prompts_file)) for c in levels
+    ]
     args.output.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="vllm-medusa-bench-"))
     setup = Setup(
@@ -567,7 +576,8 @@ def run(args: argparse.Namespace) -> int:
     compare_to_plain(results)
 
     title = (
-        f"{args.mode}, {args.prompts} x {args.max_tokens} tokens, "
+        f"{args.mode}, {Path(args.prompts_file).name if args.prompts_file else args.prompts} "
+        f"x {args.max_tokens} tokens, "
         f"{'eager' if setup.eager else 'compiled'}"
     )
     print(f"\n{title}; heads {setup.heads.name}; logs in {workdir}")
