@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
+from vllm_medusa.metrics import summarize_prometheus
 from vllm_medusa.ray_serve import (
     _SKIP_HEADERS,
     APP_NAME,
@@ -194,7 +195,12 @@ class MedusaOpenAIReplica:
     async def replicas(self) -> JSONResponse:
         self._report(None)
         live = await self.registry.live.remote(self.stale_after_s)
-        listing = {rid: {k: v for k, v in e.items() if k != "metrics"} for rid, e in live.items()}
+        listing = {}
+        for rid, entry in live.items():
+            listing[rid] = {k: v for k, v in entry.items() if k != "metrics"}
+            if entry.get("metrics"):
+                spec = summarize_prometheus(entry["metrics"])
+                listing[rid]["spec_decode"] = {"num_drafts": spec.num_drafts, "tau": spec.tau}
         return JSONResponse({"replicas": listing, "answered_by": self.replica_id})
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
@@ -312,6 +318,22 @@ def build_app(
         health_check_period_s=health_check_period_s,
         start_timeout_s=start_timeout_s,
     )
+
+
+def app_builder(args: dict) -> Any:
+    """Serve config entry point (``import_path: vllm_medusa.ray_deployment:app_builder``):
+    ``args["argv"]`` is a ``vllm-medusa serve`` command line (without ``vllm-medusa serve``),
+    e.g. ``[MODEL, "--medusa-heads", DIR, "--ray-replicas", "2", "--enforce-eager"]``; the
+    endpoint's host and port come from the config's ``http_options``."""
+    from vllm_medusa import cli, serve
+
+    argv = args.get("argv") if isinstance(args, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError('app_builder needs args {"argv": [MODEL, "--medusa-heads", DIR, ...]}')
+    parsed, extra = cli.build_parser().parse_known_args(["serve", *argv])
+    parsed.extra_args = extra
+    app, _, _ = serve.ray_app(parsed)
+    return app
 
 
 def deploy(app: Any, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> str:

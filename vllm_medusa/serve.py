@@ -144,30 +144,42 @@ def pop_host_port(argv: list[str]) -> tuple[list[str], str, int]:
     return rest, found["--host"], int(found["--port"])
 
 
-def run_ray(args: argparse.Namespace, command: list[str]) -> int:
-    """Deploy ``command`` (the plain server) as ``args.ray_replicas`` Serve replicas and
-    block until interrupted."""
+def _ray_deployment():
     from vllm_medusa.integration.options import MedusaConfigError
 
     try:
-        import ray
-
         from vllm_medusa import ray_deployment
     except ImportError as e:
         raise MedusaConfigError(
             f"--ray-replicas needs the ray extra (pip install -e '.[ray]'): {e}"
         ) from None
-    server_flags, host, port = pop_host_port(command[3:])  # after python -m MODULE
-    ray.init(address=args.ray_address)
+    return ray_deployment
+
+
+def ray_app(args: argparse.Namespace):
+    """The Serve application for parsed ``vllm-medusa serve`` arguments, and the endpoint's
+    host and port (``--host``/``--port``)."""
+    ray_deployment = _ray_deployment()
+    server_flags, host, port = pop_host_port(build_command(args)[3:])  # after python -m MODULE
     app = ray_deployment.build_app(
         server_flags,
-        num_replicas=args.ray_replicas,
+        num_replicas=max(1, args.ray_replicas),
         cpus_per_replica=args.ray_cpus_per_replica,
         bind_cpus=not args.ray_no_cpu_bind,
         health_check_period_s=args.ray_health_check_period_s,
         # Replicas may run on other nodes: pass what the local environment sets explicitly.
         env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
     )
+    return app, host, port
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """Deploy ``args.ray_replicas`` Serve replicas of the server and block until interrupted."""
+    import ray
+
+    ray_deployment = _ray_deployment()
+    ray.init(address=args.ray_address)
+    app, host, port = ray_app(args)
     url = ray_deployment.deploy(app, host=host, port=port)
     print(f"vllm-medusa: {args.ray_replicas} Ray Serve replicas at {url}", flush=True)
     try:
@@ -195,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.ray_replicas:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-        return run_ray(args, command)
+        return run_ray(args)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     print("+", shlex.join(command), flush=True)
     os.execv(sys.executable, command)
