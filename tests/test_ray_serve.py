@@ -90,6 +90,28 @@ def test_pop_host_port_takes_the_endpoint_flags_out_of_the_server_flags():
     assert pop_host_port(["--model", "m"]) == (["--model", "m"], "127.0.0.1", 8000)
 
 
+def test_serve_config_app_builder_takes_the_serve_command_line():
+    """``import_path: vllm_medusa.ray_deployment:app_builder`` builds the same replicas as
+    ``vllm-medusa serve ... --ray-replicas N`` (same vLLM flags, heads and tree)."""
+    pytest.importorskip("ray.serve")
+    from tests.vllm_jobs import SHIPPED_HEADS
+    from vllm_medusa.engine_args import medusa_server_args
+    from vllm_medusa.ray_deployment import app_builder
+
+    argv = ["/m", "--medusa-heads", str(SHIPPED_HEADS), "--medusa-tree", "chain-2"]
+    argv += ["--ray-replicas", "3", "--ray-cpus-per-replica", "2", "--enforce-eager"]
+    deployment = app_builder({"argv": [*argv, "--port", "9000"]})._bound_deployment
+    assert deployment.num_replicas == 3
+    assert deployment.ray_actor_options["num_cpus"] == 2
+    flags = deployment.init_args[0]
+    assert flags[:4] == ["--model", "/m", "--dtype", "float32"]
+    assert flags[4:8] == medusa_server_args(SHIPPED_HEADS, "chain-2")
+    assert flags[8:] == ["--enforce-eager"]  # --port is the endpoint's, not the replicas'
+    assert deployment.init_kwargs["cpus_per_replica"] == 2
+    with pytest.raises(ValueError, match="argv"):
+        app_builder({"model": "/m"})
+
+
 # ----------------------------------------------------------------------------- the cluster
 
 

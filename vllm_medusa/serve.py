@@ -161,14 +161,16 @@ def ray_app(args: argparse.Namespace):
     host and port (``--host``/``--port``)."""
     ray_deployment = _ray_deployment()
     server_flags, host, port = pop_host_port(build_command(args)[3:])  # after python -m MODULE
+    # Replicas may run on other nodes: pass what the local environment sets explicitly.
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     app = ray_deployment.build_app(
         server_flags,
         num_replicas=max(1, args.ray_replicas),
         cpus_per_replica=args.ray_cpus_per_replica,
         bind_cpus=not args.ray_no_cpu_bind,
         health_check_period_s=args.ray_health_check_period_s,
-        # Replicas may run on other nodes: pass what the local environment sets explicitly.
-        env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+        env=env,
     )
     return app, host, port
 
