@@ -88,6 +88,8 @@ class MedusaOpenAIReplica:
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         child_env = {**os.environ, **(env or {})}
+        # With --distributed-executor-backend ray the server's engine joins this cluster.
+        child_env.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
         self.cpu_bind = None
         if bind_cpus:
             self.cpu_bind = replica_cpu_bind(
