@@ -380,12 +380,11 @@ def test_replica_killed_mid_load_is_replaced_and_no_request_is_lost(fleet):
         assert answer.text == fleet.reference[prompt], f"stream={stream} {answer.failures}"
     failures = [f for a in answers for f in a.failures]
     print("retried attempts:", failures)
-    # Only requests in flight on the victim fail, each with a documented status.
-    assert len(failures) <= 4, failures
-    assert all(
-        f.split(":")[0] in ("500", "503", "stream cut before [DONE]", "stream broken")
-        for f in failures
-    ), failures
+    # Only requests in flight on the victim fail (at most the 4 concurrent ones), each
+    # attempt with a documented status.
+    assert sum(bool(a.failures) for a in answers) <= 4, failures
+    documented = ("500", "503", "stream cut before [DONE]", "stream broken")
+    assert all(f.split(":")[0] in documented for f in failures), failures
 
     # The victim's engine went down with it (no orphan holding its core).
     deadline = time.monotonic() + 30
