@@ -112,6 +112,15 @@ def test_serve_config_app_builder_takes_the_serve_command_line():
         app_builder({"model": "/m"})
 
 
+def test_serve_refuses_bad_replica_counts(capsys):
+    from tests.vllm_jobs import SHIPPED_HEADS
+    from vllm_medusa.cli import main
+
+    argv = ["serve", "/m", "--medusa-heads", str(SHIPPED_HEADS), "--ray-replicas", "-1"]
+    assert main(argv) == 2
+    assert "--ray-replicas must be >= 0" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the cluster
 
 
