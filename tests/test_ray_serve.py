@@ -216,24 +216,29 @@ class Answer:
     failures: list[str] = field(default_factory=list)  # retried attempts, why
 
 
-def _sse_text(resp) -> tuple[str, bool]:
-    """The streamed chat content, and whether the stream ended with ``data: [DONE]``."""
+def _sse_text(resp) -> tuple[str, str | None]:
+    """The streamed chat content, and why the stream is incomplete (None: it ended with
+    ``data: [DONE]`` and no error event)."""
     parts = []
     for line in resp.iter_lines(decode_unicode=True):
         if not line or not line.startswith("data:"):
             continue
         data = line[len("data:") :].strip()
         if data == "[DONE]":
-            return "".join(parts), True
+            return "".join(parts), None
         chunk = json.loads(data)
+        if "error" in chunk:  # vLLM's in-stream error event (e.g. its engine died)
+            return "".join(parts), f"stream error event: {chunk['error'].get('message')}"
         if chunk["choices"]:
             parts.append(chunk["choices"][0]["delta"].get("content") or "")
-    return "".join(parts), False
+    return "".join(parts), "stream cut before [DONE]"
 
 
-def _chat(fleet: Fleet, prompt: str, stream: bool, attempts: int = 6) -> Answer:
-    """A greedy chat request, retried the way the deployment documents: on 500/503 and on a
-    stream cut before ``[DONE]`` (a request on a replica that died)."""
+def _chat(fleet: Fleet, prompt: str, stream: bool, retry_window_s: float = 120) -> Answer:
+    """A greedy chat request, retried the way the deployment documents: on 500/503, on a
+    stream cut before ``[DONE]`` and on an in-stream error event (a request on a replica that
+    died, or on one whose dead engine Serve has not yet noticed), for at most
+    ``retry_window_s``."""
     import requests
 
     body = {
@@ -244,7 +249,8 @@ def _chat(fleet: Fleet, prompt: str, stream: bool, attempts: int = 6) -> Answer:
         "stream": stream,
     }
     failures: list[str] = []
-    for _ in range(attempts):
+    deadline = time.monotonic() + retry_window_s
+    while time.monotonic() < deadline:
         try:
             resp = requests.post(
                 f"{fleet.url}/v1/chat/completions",
@@ -259,16 +265,16 @@ def _chat(fleet: Fleet, prompt: str, stream: bool, attempts: int = 6) -> Answer:
             assert resp.status_code == 200, f"{resp.status_code}: {resp.text}"
             if not stream:
                 return Answer(resp.json()["choices"][0]["message"]["content"], failures)
-            text, done = _sse_text(resp)
-            if done:
+            text, incomplete = _sse_text(resp)
+            if incomplete is None:
                 return Answer(text, failures)
-            failures.append("stream cut before [DONE]")
+            failures.append(incomplete)
         except requests.exceptions.ChunkedEncodingError as e:
             failures.append(f"stream broken: {e!r}")
         except requests.exceptions.Timeout as e:
             pytest.fail(f"request hung for {REQUEST_TIMEOUT_S} s: {e!r}")
         time.sleep(1)
-    pytest.fail(f"no answer after {attempts} attempts: {failures}")
+    pytest.fail(f"no answer within {retry_window_s} s: {failures}")
 
 
 def _load(fleet: Fleet, requests_: list[tuple[str, bool]], concurrency: int) -> list[Answer]:
@@ -392,25 +398,64 @@ def test_replica_killed_mid_load_is_replaced_and_no_request_is_lost(fleet):
     # Only requests in flight on the victim fail (at most the 4 concurrent ones), each
     # attempt with a documented status.
     assert sum(bool(a.failures) for a in answers) <= 4, failures
-    documented = ("500", "503", "stream cut before [DONE]", "stream broken")
+    documented = ("500", "503", "stream cut before [DONE]", "stream broken", "stream error event")
     assert all(f.split(":")[0] in documented for f in failures), failures
 
     # The victim's engine went down with it (no orphan holding its core).
-    deadline = time.monotonic() + 30
-    while _pid_alive(victim["engine_pid"]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _pid_alive(victim["engine_pid"]), "engine of the killed replica still runs"
+    assert _gone_within(victim["engine_pid"], 30), "engine of the killed replica still runs"
 
-    # Serve replaces the replica: two live replicas again, one of them new, serving.
+    # Serve replaces the replica: two live replicas again, one of them new.
+    _wait_for_replacement(fleet, victim_id)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_dead_engine_is_noticed_and_its_replica_replaced(fleet):
+    """The engine core of one replica crashes mid-load (its API server process stays): the
+    health check notices, Serve replaces the replica, and every request completes."""
+    import psutil
+
+    replicas = _replicas(fleet)
+    assert len(replicas) == 2
+    victim_id, victim = sorted(replicas.items())[0]
+    load = [(p, i % 2 == 1) for i in range(2) for p in ORACLE_PROMPTS]  # 8 requests
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_chat, fleet, *r) for r in load]
+        while sum(f.done() for f in futures) < 2:
+            time.sleep(0.2)
+        engine_core = psutil.Process(victim["engine_pid"]).children(recursive=True)
+        assert engine_core, "no engine-core process under the replica's server"
+        for proc in engine_core:
+            proc.kill()
+        answers = [f.result(timeout=4 * REQUEST_TIMEOUT_S) for f in futures]
+    for (prompt, stream), answer in zip(load, answers):
+        assert answer.text == fleet.reference[prompt], f"stream={stream} {answer.failures}"
+    failures = [f for a in answers for f in a.failures]
+    print("retried attempts:", failures)
+    documented = ("500", "503", "stream cut before [DONE]", "stream broken", "stream error event")
+    assert all(f.split(":")[0] in documented for f in failures), failures
+    _wait_for_replacement(fleet, victim_id)
+    assert _gone_within(victim["engine_pid"], 60), "server of the replaced replica still runs"
+
+
+def _wait_for_replacement(fleet: Fleet, victim_id: str) -> None:
+    """Until two replicas are live again and ``victim_id`` is not one; then both serve."""
     deadline = time.monotonic() + 600
     while True:
         replicas = _replicas(fleet)
         if len(replicas) == 2 and victim_id not in replicas:
             break
-        assert time.monotonic() < deadline, f"replica not replaced: {replicas}"
+        assert time.monotonic() < deadline, f"replica {victim_id} not replaced: {replicas}"
         time.sleep(2)
     answers = _load(fleet, [(p, False) for p in ORACLE_PROMPTS], concurrency=4)
     assert [a.text for a in answers] == [fleet.reference[p] for p in ORACLE_PROMPTS]
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:

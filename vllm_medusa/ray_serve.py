@@ -38,10 +38,14 @@ greedy requests are deterministic, so a retry gives the same answer):
   from the replica if its response had not started;
 - a request in flight on a replica whose *process* died gets ``500`` from Serve's proxy (Ray
   reports the actor's death) if its response had not started;
-- a streamed response cut by either failure ends without ``data: [DONE]`` (the status, 200,
-  was already sent);
+- a request that reached vLLM when its engine died gets vLLM's own ``500`` (engine dead);
+- a streamed response already under way (status 200 sent) ends without ``data: [DONE]``, or
+  with vLLM's in-stream error event (``data: {"error": ...}``) before it;
+- between an engine's death and Serve's verdict (a few health checks) requests routed to that
+  replica get ``503``/``500`` at once;
 - with no live replica at all, Serve answers ``503``.
-Clients retry on 500/503 and on a stream without ``[DONE]``; nothing else fails. Bad input is
+Clients retry on 500/503, on a stream without ``[DONE]`` and on an error event; nothing else
+fails. Bad input is
 ``4xx`` from vLLM (unknown model ``404``, invalid parameters ``400``) or from the replica
 (body that is not JSON, an unknown ``medusa`` request option: ``400``).
 """
