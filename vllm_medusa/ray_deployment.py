@@ -6,6 +6,7 @@ failure guarantee: see :mod:`vllm_medusa.ray_serve`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -126,6 +127,7 @@ class MedusaOpenAIReplica:
             lifetime="detached",  # outlives any one replica
         ).remote()
         self._client: httpx.AsyncClient | None = None
+        self._exiting = False
         self._wait_until_healthy(start_timeout_s)
         self._report(None)
 
@@ -166,9 +168,26 @@ class MedusaOpenAIReplica:
         }
         self.registry.report.remote(self.replica_id, info, metrics)
 
+    def _exit_if_server_gone(self) -> None:
+        """Once the server process has exited (vLLM's API server exits when its engine core
+        dies), end this replica too, shortly (after the current answer): Serve marks a dead
+        replica at once and starts a replacement, where a failing health check needs 3
+        periods in a row, during which the router keeps sending requests here (a replica
+        that fails fast looks idle)."""
+        if self.proc.poll() is not None and not self._exiting:
+            self._exiting = True
+            print(
+                f"vLLM server of replica {self.replica_id} exited (rc {self.proc.returncode}); "
+                f"ending the replica:\n{log_tail(self.log)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            asyncio.get_running_loop().call_later(0.5, os._exit, 1)
+
     async def check_health(self) -> None:
         """Serve's health check: the server process runs and vLLM's ``/health`` (which
         checks the engine core) says 200. Also reports this replica's metrics."""
+        self._exit_if_server_gone()
         if self.proc.poll() is not None:
             raise RuntimeError(
                 f"vLLM server exited with rc {self.proc.returncode}:\n{log_tail(self.log)}"
@@ -224,6 +243,7 @@ class MedusaOpenAIReplica:
         try:
             upstream = await self.client.send(upstream_request, stream=True)
         except httpx.TransportError as e:
+            self._exit_if_server_gone()
             message = f"engine of replica {self.replica_id} unavailable ({e!r}); retry"
             return JSONResponse(
                 openai_error(503, message, "ServiceUnavailableError"),

@@ -21,7 +21,9 @@ The cost is one extra loopback hop per request (well under a millisecond, next t
 
 Health: Serve calls :meth:`MedusaOpenAIReplica.check_health` every ``health_check_period_s``;
 it fails when the server process exited or vLLM's ``/health`` (which asks the engine core)
-does not answer 200, and Serve then replaces the replica. A replica killed outright takes its
+does not answer 200, and Serve then replaces the replica. A replica whose server process has
+exited (vLLM's server exits when its engine core dies) ends itself as soon as it notices (a
+health check or a request), so Serve replaces it at once instead of after 3 failed checks. A replica killed outright takes its
 server down with it (:mod:`vllm_medusa.serve_child` watches its parent).
 
 Metrics: each health check also reads the replica's vLLM ``/metrics`` and reports it to one
@@ -41,8 +43,8 @@ greedy requests are deterministic, so a retry gives the same answer):
 - a request that reached vLLM when its engine died gets vLLM's own ``500`` (engine dead);
 - a streamed response already under way (status 200 sent) ends without ``data: [DONE]``, or
   with vLLM's in-stream error event (``data: {"error": ...}``) before it;
-- between an engine's death and Serve's verdict (a few health checks) requests routed to that
-  replica get ``503``/``500`` at once;
+- until the replica has noticed its dead engine (at most one health-check period, usually
+  the first request) and ended, requests routed to it get ``503``/``500`` at once;
 - with no live replica at all, Serve answers ``503``.
 Clients retry on 500/503, on a stream without ``[DONE]`` and on an error event; nothing else
 fails. Bad input is
