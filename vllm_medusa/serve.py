@@ -14,6 +14,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,40 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--print-flags", action="store_true", help="print the vLLM server command and exit"
     )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
+    ray = parser.add_argument_group(
+        "Ray Serve (needs the ray extra): N replicas of this server behind one endpoint"
+    )
+    ray.add_argument(
+        "--ray-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve with N Ray Serve replicas (0: one plain server, no Ray); --host/--port "
+        "are then the endpoint's (default 127.0.0.1:8000)",
+    )
+    ray.add_argument(
+        "--ray-cpus-per-replica",
+        type=int,
+        default=1,
+        metavar="C",
+        help="Ray CPUs each replica reserves; on CPU its engine is bound to C cores of its own",
+    )
+    ray.add_argument(
+        "--ray-no-cpu-bind",
+        action="store_true",
+        help="leave VLLM_CPU_OMP_THREADS_BIND alone (e.g. on GPU nodes)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)",
+    )
+    ray.add_argument(
+        "--ray-health-check-period-s",
+        type=float,
+        default=5.0,
+        help="how often Serve checks each replica's engine",
+    )
     # Every other flag goes to vLLM's server unchanged (collected by cli.main).
     parser.set_defaults(accepts_extra_args=True)
 
@@ -84,11 +119,97 @@ def build_command(args: argparse.Namespace) -> list[str]:
     ]
 
 
+# Environment the replicas' servers get from the command's environment.
+FORWARDED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_PLUGINS", "HF_HUB_OFFLINE", "VLLM_LOGGING_LEVEL")
+
+
+def pop_host_port(argv: list[str]) -> tuple[list[str], str, int]:
+    """``argv`` without ``--host``/``--port`` (either ``--flag value`` or ``--flag=value``),
+    and their values (default ``127.0.0.1``, ``8000``)."""
+    found = {"--host": "127.0.0.1", "--port": "8000"}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in found:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{flag} needs a value")
+                i += 1
+                value = argv[i]
+            found[flag] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, found["--host"], int(found["--port"])
+
+
+def _ray_deployment():
+    from vllm_medusa.integration.options import MedusaConfigError
+
+    try:
+        from vllm_medusa import ray_deployment
+    except ImportError as e:
+        raise MedusaConfigError(
+            f"--ray-replicas needs the ray extra (pip install -e '.[ray]'): {e}"
+        ) from None
+    return ray_deployment
+
+
+def ray_app(args: argparse.Namespace):
+    """The Serve application for parsed ``vllm-medusa serve`` arguments, and the endpoint's
+    host and port (``--host``/``--port``)."""
+    ray_deployment = _ray_deployment()
+    server_flags, host, port = pop_host_port(build_command(args)[3:])  # after python -m MODULE
+    # Replicas may run on other nodes: pass what the local environment sets explicitly.
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    app = ray_deployment.build_app(
+        server_flags,
+        num_replicas=max(1, args.ray_replicas),
+        cpus_per_replica=args.ray_cpus_per_replica,
+        bind_cpus=not args.ray_no_cpu_bind,
+        health_check_period_s=args.ray_health_check_period_s,
+        env=env,
+    )
+    return app, host, port
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """Deploy ``args.ray_replicas`` Serve replicas of the server and block until interrupted."""
+    import ray
+
+    ray_deployment = _ray_deployment()
+    ray.init(address=args.ray_address)
+    app, host, port = ray_app(args)
+    url = ray_deployment.deploy(app, host=host, port=port)
+    print(f"vllm-medusa: {args.ray_replicas} Ray Serve replicas at {url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+        ray_deployment.shutdown_registry()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     command = build_command(args)
     if args.print_flags:
         print(shlex.join(command))
         return 0
+    if args.ray_replicas < 0 or args.ray_cpus_per_replica < 1:
+        from vllm_medusa.integration.options import MedusaConfigError
+
+        raise MedusaConfigError(
+            f"--ray-replicas must be >= 0 and --ray-cpus-per-replica >= 1, got "
+            f"{args.ray_replicas} and {args.ray_cpus_per_replica}"
+        )
+    if args.ray_replicas:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+        return run_ray(args)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     print("+", shlex.join(command), flush=True)
     os.execv(sys.executable, command)

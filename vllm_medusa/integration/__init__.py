@@ -50,3 +50,36 @@ def install() -> None:
     runner_patches.patch_model_runner()
     scheduler_patches.patch_scheduler()
     _installed = True
+
+
+# Every method the plugin wraps (each wrapper carries ``__vllm_medusa_patch__ = True``).
+PATCHED_METHODS = (
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._prepare_inputs",
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample",
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids",
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._input_fits_in_drafter",
+    "vllm.v1.worker.gpu_worker.Worker.compile_or_warm_up_model",
+    "vllm.v1.worker.cpu_worker.CPUWorker.compile_or_warm_up_model",  # CPU platform only
+    "vllm.v1.core.sched.scheduler.Scheduler.__init__",
+    "vllm.engine.arg_utils.EngineArgs.create_speculative_config",
+)
+
+
+def patch_ledger() -> dict[str, bool]:
+    """Which patch targets carry the plugin's mark in this process (the ledger of
+    ``runner_patches``' docstring): ``{"module.Class.method": patched}``."""
+    import importlib
+
+    ledger: dict[str, bool] = {}
+    for target in PATCHED_METHODS:
+        module_name, class_name, attr = target.rsplit(".", 2)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        ledger[target] = bool(getattr(getattr(cls, attr), "__vllm_medusa_patch__", False))
+    from vllm.v1.worker import gpu_model_runner
+
+    from vllm_medusa.integration.proposer import TreeMedusaProposer
+
+    ledger["vllm.v1.worker.gpu_model_runner.MedusaProposer"] = (
+        gpu_model_runner.MedusaProposer is TreeMedusaProposer
+    )
+    return ledger
