@@ -39,3 +39,15 @@ def test_percentiles_pick_observed_values():
     assert _percentile(values, 50) in (50.0, 51.0)
     assert _percentile(values, 99) == 99.0
     assert _percentile([], 50) is None
+
+
+def test_configuration_names_carry_acceptance_and_preload():
+    import pytest
+
+    from vllm_medusa.bench import parse_config
+
+    assert parse_config("tree-auto/typical+preload") == ("tree-auto", "typical", True)
+    assert parse_config("plain") == ("plain", None, False)
+    for bad in ("ngram/typical", "tree-full/sloppy", "beam"):
+        with pytest.raises(SystemExit):
+            parse_config(bad)

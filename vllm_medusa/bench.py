@@ -81,6 +81,25 @@ def preload_env() -> dict[str, str]:
     return {"LD_PRELOAD": ":".join(libs)}
 
 
+ACCEPTANCE_MODES = ("greedy", "typical", "exact")
+
+
+def parse_config(config: str) -> tuple[str, str | None, bool]:
+    """``tree-auto/typical+preload`` -> (``tree-auto``, ``typical``, True); the acceptance
+    part only for tree configurations."""
+    preload = config.endswith(PRELOAD_SUFFIX)
+    name = config.removesuffix(PRELOAD_SUFFIX)
+    base, _, acceptance = name.partition("/")
+    if base not in CONFIGS:
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+    if acceptance and (not base.startswith("tree") or acceptance not in ACCEPTANCE_MODES):
+        raise SystemExit(
+            f"{config!r}: an acceptance suffix (/{'|/'.join(ACCEPTANCE_MODES)}) applies to "
+            "tree-full and tree-auto only"
+        )
+    return base, acceptance or None, preload
+
+
 @dataclass
 class Setup:
     """What every configuration shares."""
@@ -92,6 +111,7 @@ class Setup:
     eager: bool
     max_num_seqs: int
     workdir: Path
+    temperature: float = 0.0
     _vllm_heads: Path | None = None
 
     def vllm_chain_heads(self) -> tuple[Path, int]:
@@ -111,7 +131,7 @@ class Setup:
 
     def engine(self, config: str) -> tuple[dict, dict]:
         """(engine kwargs beyond the model, extra environment) of one configuration."""
-        base, preload = config.removesuffix(PRELOAD_SUFFIX), config.endswith(PRELOAD_SUFFIX)
+        base, acceptance, preload = parse_config(config)
         env = preload_env() if preload else {}
         kwargs: dict = {}
         if base == "ngram":
@@ -127,10 +147,10 @@ class Setup:
         elif base in ("tree-full", "tree-auto"):
             from vllm_medusa.engine_args import medusa_engine_kwargs
 
-            budget = "full" if base == "tree-full" else "auto"
-            kwargs.update(medusa_engine_kwargs(self.heads, self.tree, draft_budget=budget))
-        elif base != "plain":
-            raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+            options = {"draft_budget": "full" if base == "tree-full" else "auto"}
+            if acceptance:
+                options["acceptance"] = acceptance
+            kwargs.update(medusa_engine_kwargs(self.heads, self.tree, **options))
         return kwargs, env
 
 
@@ -256,13 +276,16 @@ class Server:
         self._log.close()
 
 
-async def _stream_one(session, url: str, prompt: str, max_tokens: int) -> dict:
+async def _stream_one(
+    session, url: str, prompt: str, max_tokens: int, temperature: float, seed: int
+) -> dict:
     """One streamed chat completion: text, output tokens, time to first token, per-token time."""
     body = {
         "model": "model",
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
+        "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -296,7 +319,9 @@ async def _stream_one(session, url: str, prompt: str, max_tokens: int) -> dict:
     }
 
 
-async def _load(url: str, prompts: list[str], concurrency: int, max_tokens: int, bar) -> list:
+async def _load(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, bar, temperature: float = 0.0
+) -> list:
     """All prompts, at most ``concurrency`` in flight; results in prompt order."""
     import aiohttp
 
@@ -304,13 +329,13 @@ async def _load(url: str, prompts: list[str], concurrency: int, max_tokens: int,
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
-        async def one(prompt):
+        async def one(seed, prompt):
             async with gate:
-                out = await _stream_one(session, url, prompt, max_tokens)
+                out = await _stream_one(session, url, prompt, max_tokens, temperature, seed)
                 bar.update(1)
                 return out
 
-        return await asyncio.gather(*(one(p) for p in prompts))
+        return await asyncio.gather(*(one(k, p) for k, p in enumerate(prompts)))
 
 
 def run_server_config(setup, config, prompts_by_level, max_tokens) -> list[Result]:
@@ -322,7 +347,9 @@ def run_server_config(setup, config, prompts_by_level, max_tokens) -> list[Resul
             before = server.metrics()
             with tqdm(total=len(prompts), desc=f"{config} c={concurrency}", leave=False) as bar:
                 start = time.perf_counter()
-                outs = asyncio.run(_load(server.url, prompts, concurrency, max_tokens, bar))
+                outs = asyncio.run(
+                    _load(server.url, prompts, concurrency, max_tokens, bar, setup.temperature)
+                )
                 seconds = time.perf_counter() - start
             after = server.metrics()
             tpots = [o["tpot"] for o in outs if o["tpot"] is not None]
@@ -380,7 +407,10 @@ def run_offline_config(setup, config, prompts_by_level, max_tokens) -> list[Resu
                 **{k: v for k, v in kwargs.items()},
             },
             "prompts": prompts,
-            "sampling": {"temperature": 0, "max_tokens": max_tokens},
+            "sampling_per_prompt": [
+                {"temperature": setup.temperature, "max_tokens": max_tokens, "seed": k}
+                for k in range(len(prompts))
+            ],
             "one_at_a_time": concurrency == 1,
             "kv_cache_gib": 2,
         }
@@ -421,16 +451,20 @@ def _run_engine_job(job: dict, workdir: Path, name: str, env: dict) -> dict:
 # ---- report -----------------------------------------------------------------------------
 
 
-def compare_to_plain(results: list[Result]) -> None:
+def compare_to_plain(results: list[Result], sampled: bool = False) -> None:
+    """Speedups against plain decoding at the same concurrency; identity only for greedy
+    runs (sampled outputs differ from plain decoding's by chance)."""
     for r in results:
         plain = next(p for p in results if p.config == "plain" and p.concurrency == r.concurrency)
         r.speedup = r.tokens_per_s / plain.tokens_per_s
-        r.identical_to_plain = r.outputs == plain.outputs
+        r.identical_to_plain = None if sampled else r.outputs == plain.outputs
 
 
 def format_table(results: list[Result]) -> str:
     def ms(x):
         return "-" if x is None else f"{x:.0f}"
+
+    same = {True: "yes", False: "NO", None: "n/a"}
 
     lines = [
         "| config | conc | tok/s | speedup | tau | TPOT p50/p99 ms | TTFT p50 ms | = plain |",
@@ -440,14 +474,13 @@ def format_table(results: list[Result]) -> str:
         lines.append(
             f"| {r.config} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
             f"{r.tau:.2f} | {ms(r.tpot_ms_p50)}/{ms(r.tpot_ms_p99)} | {ms(r.ttft_ms_p50)} | "
-            f"{'yes' if r.identical_to_plain else 'NO'} |"
+            f"{same[r.identical_to_plain]} |"
         )
     return "\n".join(lines)
 
 
 def CONFIGS_ORDER(config: str) -> tuple[int, str]:  # noqa: N802 - a sort key
-    base = config.removesuffix(PRELOAD_SUFFIX)
-    return (CONFIGS.index(base) if base in CONFIGS else len(CONFIGS), config)
+    return (CONFIGS.index(parse_config(config)[0]), config)
 
 
 def plot(results: list[Result], out_dir: Path, title: str) -> list[Path]:
@@ -502,8 +535,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--configs",
         nargs="+",
         default=["ngram", "vllm-chain", "tree-full", "tree-auto"],
-        help=f"besides plain decoding: {', '.join(CONFIGS)}, each optionally with "
-        f"'{PRELOAD_SUFFIX}'",
+        help=f"besides plain decoding: {', '.join(CONFIGS)}; tree ones optionally with an "
+        f"acceptance suffix (/greedy, /typical, /exact); any with '{PRELOAD_SUFFIX}'",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--prompts", choices=("mt-bench", "sharegpt"), default="mt-bench")
@@ -517,6 +550,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="requests per concurrency level (at least the concurrency itself)",
     )
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="of every request (seeded per prompt); > 0 with e.g. tree-auto/typical",
+    )
     parser.add_argument("--heads", default=None, help="tree Medusa heads (default: shipped)")
     parser.add_argument("--chain-heads", default=None, help="Medusa-1 heads for vllm-chain")
     parser.add_argument("--tree", default=None, help="tree for tree Medusa (default: heads')")
@@ -550,8 +589,7 @@ def run(args: argparse.Namespace) -> int:
         args.concurrency = [c for c in args.concurrency if c <= 4] or [1, 4]
     configs = ["plain", *[c for c in args.configs if c != "plain"]]
     for c in configs:
-        if c.removesuffix(PRELOAD_SUFFIX) not in CONFIGS:
-            raise SystemExit(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
+        parse_config(c)  # unknown names fail before any engine starts
     levels = sorted(set(args.concurrency))
     prompts_by_level = [
         (c, _prompts(args.prompts, max(args.num_prompts, c), args.prompts_file)) for c in levels
@@ -568,16 +606,17 @@ def run(args: argparse.Namespace) -> int:
         eager=not args.compiled,
         max_num_seqs=max(levels),
         workdir=workdir,
+        temperature=args.temperature,
     )
     runner = run_server_config if args.mode == "server" else run_offline_config
     results: list[Result] = []
     for config in tqdm(configs, desc=f"bench ({args.mode})", unit="config"):
         results += runner(setup, config, prompts_by_level, args.max_tokens)
-    compare_to_plain(results)
+    compare_to_plain(results, sampled=args.temperature > 0)
 
     title = (
         f"{args.mode}, {Path(args.prompts_file).name if args.prompts_file else args.prompts} "
-        f"x {args.max_tokens} tokens, "
+        f"x {args.max_tokens} tokens, T={args.temperature:g}, "
         f"{'eager' if setup.eager else 'compiled'}"
     )
     print(f"\n{title}; heads {setup.heads.name}; logs in {workdir}")
@@ -586,6 +625,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
         "heads": setup.heads.name,
         "chain_heads": setup.chain_heads.name,
         "eager": setup.eager,
