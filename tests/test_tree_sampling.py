@@ -16,6 +16,7 @@ import zlib
 import pytest
 import torch
 
+from tests.test_acceptance import _single_thread  # noqa: F401  (autouse: one thread)
 from vllm_medusa.core.acceptance import greedy_accept, typical_accept_probs
 from vllm_medusa.core.tree import MedusaTree
 from vllm_medusa.core.tree_sampling import (
@@ -36,14 +37,6 @@ SAMPLINGS = {
     "t07_k3_p09": dict(temperature=0.7, top_k=3, top_p=0.9),
     "t13_minp": dict(temperature=1.3, min_p=0.1),
 }
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ToyModel:
