@@ -134,13 +134,13 @@ def target_joint(model, context, sampling) -> torch.Tensor:
     return p1[:, None] * p2
 
 
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit (cells with expected < 5 pooled); cells of zero
-    probability must be empty (else the p-value is 0)."""
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom (cells with expected < 5 pooled); a
+    non-empty cell of zero probability gives an infinite statistic."""
     counts, probs = counts.double().flatten(), probs.double().flatten()
     n = counts.sum()
     if bool((counts[probs <= 0] > 0).any()):
-        return 0.0
+        return math.inf, 1
     expected = probs * n
     small = (expected < 5) & (probs > 0)
     big = expected >= 5
@@ -150,9 +150,19 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
         obs.append(counts[small].sum()[None])
         exp.append(expected[small].sum()[None])
     o, e = torch.cat(obs), torch.cat(exp)
-    stat = ((o - e) ** 2 / e).sum()
-    df = o.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2.0))
+    return float(((o - e) ** 2 / e).sum()), o.numel() - 1
+
+
+def p_value(stat: float, df: int) -> float:
+    """Chi-square survival function: the regularized upper incomplete gamma Q(df/2, x/2)."""
+    if math.isinf(stat):
+        return 0.0
+    half = torch.tensor(df / 2.0, dtype=torch.float64)
+    return float(torch.special.gammaincc(half, torch.tensor(stat / 2.0, dtype=torch.float64)))
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    return p_value(*chi_square(counts, probs))
 
 
 def test_chi_square_helper_detects_a_biased_sampler():

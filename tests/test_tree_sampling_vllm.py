@@ -125,3 +125,36 @@ def test_target_probs_matches_vllm_sampler_ops():
     theirs = x.softmax(-1)
     assert torch.equal(ours > 0, theirs > 0)
     assert torch.allclose(ours, theirs, atol=1e-6)
+    # top-k alone (no sort of the vocabulary), as vLLM's CPU path
+    ours = target_probs(logits, temperature, top_k)
+    x = apply_top_k_top_p_pytorch(
+        (logits / temperature[:, None]).clone(), top_k.to(torch.int32), None, allow_cpu_sync=True
+    )
+    assert torch.allclose(ours, x.softmax(-1), atol=1e-6)
+    assert torch.equal(ours > 0, x.softmax(-1) > 0)
+
+
+def test_input_processor_refuses_bad_request_options_as_a_client_error():
+    """What the OpenAI server turns into a 400: VLLMValidationError naming the value."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_medusa.integration.tree_sampling import _wrap_validate_params
+
+    calls = []
+    validate = _wrap_validate_params(lambda self, params, tasks: calls.append(params) or True)
+
+    def processor(method):
+        spec = SimpleNamespace(method=method)
+        config = SimpleNamespace(speculative_config=spec, additional_config={})
+        return SimpleNamespace(vllm_config=config)
+
+    bad = SamplingParams(temperature=0.7, extra_args={"medusa_acceptance": "fast"})
+    with pytest.raises(VLLMValidationError, match="unknown medusa_acceptance 'fast'"):
+        validate(processor("medusa"), bad, ())
+    good = SamplingParams(temperature=0.7, extra_args={"medusa_acceptance": "exact"})
+    assert validate(processor("medusa"), good, ()) is True
+    assert validate(processor("eagle"), bad, ()) is True  # not a Medusa engine: not ours
+    assert len(calls) == 3  # vLLM's own validation always runs first

@@ -59,18 +59,21 @@ def target_probs(
         probs = logits.softmax(dim=-1)
         threshold = probs.amax(dim=-1, keepdim=True) * min_p.to(torch.float32)[:, None]
         logits = logits.masked_fill(probs < threshold, float("-inf"))
-    if top_k is not None or top_p is not None:
+    if top_k is not None:
+        k = top_k.to(torch.long)
+        k = torch.where((k <= 0) | (k > v), torch.full_like(k, v), k)
+        if top_p is None:  # no sort of the vocabulary: the k-th largest logit per row
+            kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
         logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
         if top_k is not None:
-            k = top_k.to(torch.long)
-            k = torch.where((k <= 0) | (k > v), torch.full_like(k, v), k)
             kth = logits_sort.gather(1, (v - k)[:, None])
             logits_sort = logits_sort.masked_fill(logits_sort < kth, float("-inf"))
-        if top_p is not None:
-            cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
-            drop = cum <= 1 - top_p.to(torch.float32)[:, None]
-            drop[:, -1] = False
-            logits_sort = logits_sort.masked_fill(drop, float("-inf"))
+        cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p.to(torch.float32)[:, None]
+        drop[:, -1] = False
+        logits_sort = logits_sort.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, logits_idx, logits_sort)
     return logits.softmax(dim=-1)
 
