@@ -55,7 +55,7 @@ def _cases():
             ORACLE_PROMPTS[0],
             {
                 "temperature": 0.7,
-                "min_p": 0.05,
+                "top_k": 50,
                 "max_tokens": 64,
                 "stop": ["\n"],
                 "extra_args": exact,

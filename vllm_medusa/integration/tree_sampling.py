@@ -9,11 +9,11 @@ Each request's acceptance mode is the engine's ``acceptance`` option
 
 Greedy requests (temperature 0) are verified greedily whatever the mode. A sampled request
 speculates under ``typical`` or ``exact`` when the only sampling parameters that shape its
-distribution are temperature, top-k, top-p and min-p (the target distribution at every tree
-node is :func:`vllm_medusa.core.tree_sampling.target_probs` of the raw logits, as vLLM's
-sampler would process them); requests with penalties, logit bias, allowed tokens, bad words,
-min_tokens, structured output, a thinking budget, forced tokens or ``logprob_token_ids``
-decode plainly (:func:`vllm_medusa.integration.proposer.request_can_speculate`). Under
+distribution are temperature, top-k and top-p (the target distribution at every tree node
+is :func:`vllm_medusa.core.tree_sampling.target_probs` of the raw logits, as vLLM's sampler
+would process them; vLLM refuses ``min_p`` and ``logit_bias`` with speculative decoding);
+requests with penalties, allowed tokens, bad words, min_tokens, structured output, a
+thinking budget, forced tokens or ``logprob_token_ids`` decode plainly (:func:`vllm_medusa.integration.proposer.request_can_speculate`). Under
 ``greedy`` sampled requests decode plainly.
 
 Randomness: per request and step, one uniform per tree node and one exponential per
@@ -193,19 +193,16 @@ def accept_sampled_requests(
     sp = [params[i] for i in sel]
     per_row = n_nodes + 1
     temperature = torch.tensor([p.temperature for p in sp], device=device)
-    top_k = top_p = min_p = None
+    top_k = top_p = None  # (min_p: vLLM refuses it with speculative decoding)
     if any(0 < p.top_k < logits.shape[-1] for p in sp):
         top_k = torch.tensor([p.top_k for p in sp], device=device).repeat_interleave(per_row)
     if any(p.top_p < 1.0 for p in sp):
         top_p = torch.tensor([p.top_p for p in sp], device=device).repeat_interleave(per_row)
-    if any(p.min_p > 0 for p in sp):
-        min_p = torch.tensor([p.min_p for p in sp], device=device).repeat_interleave(per_row)
     probs = target_probs(
         logits[logit_rows.reshape(-1)],
         temperature.repeat_interleave(per_row),
         top_k,
         top_p,
-        min_p,
     ).view(s, per_row, -1)  # [S, N+1, V]
 
     generators = runner.input_batch.sampling_metadata.generators
