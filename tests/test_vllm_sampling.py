@@ -132,7 +132,9 @@ def test_greedy_requests_in_a_mixed_batch_equal_plain_greedy(served):
 
 def test_sampled_requests_speculate_per_mode(served):
     out, _ = served
-    for name in ("typical-seed0", "exact-seed0", "exact-stop", "typical-custom"):
+    # (a request ended by a stop string carries no per-request metrics: vLLM's frontend
+    # stops it, not the engine core)
+    for name in ("typical-seed0", "exact-seed0", "exact-other-seed", "typical-custom"):
         steps, accepted = out[name]["steps"]
         assert out[name]["drafts"] > 0 and steps > 0 and accepted > 0, (name, out[name])
     for name in ("exact-penalty", "sampled-greedy-mode"):
