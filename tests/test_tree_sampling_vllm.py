@@ -158,3 +158,22 @@ def test_input_processor_refuses_bad_request_options_as_a_client_error():
     assert validate(processor("medusa"), good, ()) is True
     assert validate(processor("eagle"), bad, ()) is True  # not a Medusa engine: not ours
     assert len(calls) == 3  # vLLM's own validation always runs first
+
+
+def test_tau_per_acceptance_mode_is_counted_and_logged(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_medusa.integration import tree_sampling
+
+    drafter = SimpleNamespace()
+    logged = []
+    monkeypatch.setattr(tree_sampling, "STATS_LOG_EVERY", 2)
+    monkeypatch.setattr(tree_sampling.logger, "info", lambda msg, arg: logged.append(arg))
+    # step 1: rows 0 (greedy) and 2 (exact) verified, row 1 had no drafts
+    tree_sampling._record_modes(drafter, ["greedy", None, "exact"])
+    tree_sampling.record_accepted(drafter, torch.tensor([3, 0, 1]))
+    tree_sampling._record_modes(drafter, ["typical", "exact"])
+    tree_sampling.record_accepted(drafter, torch.tensor([2, 0]))
+    stats = tree_sampling.mode_stats(drafter)
+    assert stats.tau("greedy") == 4.0 and stats.tau("exact") == 1.5 and stats.tau("typical") == 3
+    assert logged == [{"greedy": 4.0, "typical": 3.0, "exact": 1.5}]
