@@ -89,3 +89,26 @@ def test_engine_kwargs_with_preset_and_paths(heads_dir):
 def test_engine_kwargs_reject_a_tree_deeper_than_the_heads(heads_dir):
     with pytest.raises(TreeError, match="only 3 Medusa heads"):
         medusa_engine_kwargs(heads_dir, "chain-4")
+
+
+def test_serve_flags_carry_the_acceptance_option(heads_dir):
+    import argparse
+
+    from vllm_medusa.serve import build_command, configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    for flags, expected in [
+        ([], {}),
+        (["--medusa-acceptance", "typical"], {"acceptance": "typical"}),
+        (
+            ["--medusa-acceptance", "exact", "--medusa-draft-budget", "full"],
+            {"acceptance": "exact", "draft_budget": "full"},
+        ),
+    ]:
+        args = parser.parse_args(["model", "--medusa-heads", str(heads_dir), *flags])
+        command = build_command(args)
+        config = json.loads(command[command.index("--additional-config") + 1])
+        assert config == {"medusa": expected}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["model", "--medusa-heads", str(heads_dir), "--medusa-acceptance", "x"])

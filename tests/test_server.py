@@ -222,6 +222,30 @@ def test_metrics_show_deep_acceptance(server, chat_prompt):
     print(summary.format())
 
 
+def test_per_request_acceptance_through_the_extra_body(server, chat_prompt):
+    """``vllm_xargs`` reaches ``SamplingParams.extra_args``: a sampled request asks for exact
+    tree rejection sampling (the server's default, greedy, gives sampled requests no drafts)
+    and speculates; seeded, it reproduces; an unknown mode is a 400 naming it."""
+    from vllm_medusa.metrics import summarize_prometheus
+
+    def drafts() -> int:
+        text = requests.get(f"{server.url}/metrics", timeout=30).text
+        return summarize_prometheus(text).num_draft_tokens
+
+    body = {"prompt": chat_prompt, "temperature": 0.8, "seed": 5, "max_tokens": 24}
+    before = drafts()
+    _post(server, "/v1/completions", body)
+    assert drafts() == before  # sampled, greedy mode: plain decoding
+    exact = {**body, "vllm_xargs": {"medusa_acceptance": "exact"}}
+    texts = [_post(server, "/v1/completions", exact).json()["choices"][0]["text"] for _ in "ab"]
+    assert drafts() > before
+    assert texts[0] == texts[1] and texts[0]
+    bad = {**body, "model": SERVED_NAME, "vllm_xargs": {"medusa_acceptance": "fastest"}}
+    resp = requests.post(f"{server.url}/v1/completions", json=bad, timeout=REQUEST_TIMEOUT_S)
+    assert resp.status_code == 400, resp.text
+    assert "unknown medusa_acceptance 'fastest'" in resp.text
+
+
 @pytest.mark.parametrize("model_first", [False, True], ids=["options-first", "model-first"])
 def test_print_flags(smollm2_dir, oracle_heads, model_first):
     """``--print-flags`` prints the server command with the tree's draft count (63 nodes)."""

@@ -345,7 +345,7 @@ def test_near_the_context_limit_only_eligible_requests_draft(tmp_path, smollm2_d
         ({"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]}, "only 4 Medusa heads"),
         ({"options": {"accept": "greedy"}}, "unknown option"),
         ({"options": {"draft_budget": "some"}}, "unknown draft_budget 'some'"),
-        ({"options": {"acceptance": "typical"}}, "unknown acceptance method 'typical'"),
+        ({"options": {"acceptance": "sampled"}}, "unknown acceptance method 'sampled'"),
     ],
 )
 def test_bad_configuration_fails_at_start(tmp_path, smollm2_dir, oracle_heads, medusa, message):

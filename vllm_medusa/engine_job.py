@@ -11,7 +11,8 @@ JOB: {"model": str, "engine": {LLM kwargs}, "medusa": {"heads": dir, "tree": ...
       "one_at_a_time": bool}
 OUT: {"token_ids": [[int]], "texts": [str], "finish_reasons": [str], "logprobs": [...],
       "prompt_logprobs": [...], "spec": {summary} | null, "seconds": float,
-      "draft_tokens": [int | null] (per request; with engine
+      "draft_tokens": [int | null], "spec_steps": [[steps, accepted] | null] (per request:
+      draft tokens, verification steps, accepted drafts; with engine
       {"per_request_spec_decode_metrics": "summary"})}
 """
 
@@ -27,6 +28,15 @@ def _draft_tokens(completion) -> int | None:
     """Draft tokens vLLM scheduled for one request (None without per-request metrics)."""
     metrics = getattr(completion, "spec_decode_metrics", None)
     return None if metrics is None else metrics.num_draft_tokens
+
+
+def _spec_steps(completion) -> list[int] | None:
+    """[verification steps, accepted draft tokens] of one request (None without metrics)."""
+    metrics = getattr(completion, "spec_decode_metrics", None)
+    if metrics is None:
+        return None
+    hist = metrics.histogram
+    return [sum(hist), sum(j * c for j, c in enumerate(hist))]
 
 
 def main() -> None:
@@ -87,6 +97,7 @@ def main() -> None:
         "seconds": seconds,
         "spec": None,
         "draft_tokens": [_draft_tokens(o.outputs[0]) for o in outs],
+        "spec_steps": [_spec_steps(o.outputs[0]) for o in outs],
     }
     spec = summarize_vllm_metrics(llm.get_metrics())
     if spec.num_drafts:

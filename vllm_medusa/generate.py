@@ -81,9 +81,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tree preset, JSON file or JSON list of rank paths (default: the heads' tree)",
     )
-    from vllm_medusa.serve import add_draft_budget_argument
+    from vllm_medusa.serve import add_acceptance_argument, add_draft_budget_argument
 
     add_draft_budget_argument(parser)
+    add_acceptance_argument(parser)
     parser.add_argument(
         "--speculative-config",
         type=_json_object,
@@ -188,13 +189,13 @@ def run(args: argparse.Namespace) -> int:
         llm_kwargs["enforce_eager"] = True
     if args.medusa_heads is not None:
         from vllm_medusa.engine_args import medusa_engine_kwargs
-        from vllm_medusa.serve import draft_budget_option, parse_tree_option
+        from vllm_medusa.serve import medusa_options, parse_tree_option
 
         llm_kwargs.update(
             medusa_engine_kwargs(
                 resolve_heads(args.medusa_heads),
                 parse_tree_option(args.medusa_tree),
-                **draft_budget_option(args),
+                **medusa_options(args),
             )
         )
     if args.speculative_config is not None:

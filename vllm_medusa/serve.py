@@ -27,6 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "rank paths; default: the heads folder's tree.json, else a chain over all heads",
     )
     add_draft_budget_argument(parser)
+    add_acceptance_argument(parser)
     parser.add_argument(
         "--print-flags", action="store_true", help="print the vLLM server command and exit"
     )
@@ -79,6 +80,25 @@ def add_draft_budget_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_acceptance_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--medusa-acceptance",
+        choices=("greedy", "typical", "exact"),
+        default=None,
+        help="how sampled requests (temperature > 0) verify drafts: greedy (default: they get "
+        "no drafts), typical (Medusa's typical acceptance) or exact (tree rejection sampling, "
+        "the model's distribution exactly); requests may override it (extra body vllm_xargs "
+        '{"medusa_acceptance": ...})',
+    )
+
+
+def medusa_options(args: argparse.Namespace) -> dict:
+    """``additional_config["medusa"]`` options from the ``--medusa-*`` flags."""
+    options = draft_budget_option(args)
+    acceptance = getattr(args, "medusa_acceptance", None)
+    return options if acceptance is None else {**options, "acceptance": acceptance}
+
+
 def parse_tree_option(value: str | None):
     if value is None:
         return None
@@ -113,7 +133,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         "--dtype",
         "float32",
         *medusa_server_args(
-            args.medusa_heads, parse_tree_option(args.medusa_tree), **draft_budget_option(args)
+            args.medusa_heads, parse_tree_option(args.medusa_tree), **medusa_options(args)
         ),
         *extra,
     ]

@@ -137,27 +137,72 @@ def typical_accept(
         )
     is_greedy = temp <= 0
     safe_temp = torch.where(is_greedy, torch.ones_like(temp), temp)
-
-    log_probs = torch.log_softmax(logits.float() / safe_temp[:, None, None], dim=-1)
-    probs = log_probs.exp()
-    entropy = -(probs * log_probs).nan_to_num().sum(dim=-1)  # [B, N+1]
-    threshold = torch.minimum(
-        torch.full_like(entropy, epsilon), delta * torch.exp(-entropy)
-    )  # at each node, for its children
-    parents = tree.parents.clamp(min=0)
-    child_logp = log_probs[:, parents].gather(2, node_tokens[:, :, None]).squeeze(2)  # [B, N+1]
-    node_ok = child_logp.exp() > threshold[:, parents]
+    probs = torch.softmax(logits.float() / safe_temp[:, None, None], dim=-1)
+    exponentials = torch.empty(probs.shape[0], probs.shape[2], device=probs.device)
+    exponentials.exponential_(generator=generator)
+    res = typical_accept_probs(node_tokens, probs, tree, epsilon, delta, exponentials)
 
     argmax = logits.argmax(dim=-1)
+    parents = tree.parents.clamp(min=0)
     greedy_ok = node_tokens == argmax[:, parents]
-    node_ok = torch.where(is_greedy[:, None], greedy_ok, node_ok)
-    score = torch.where(is_greedy[:, None], torch.zeros_like(child_logp), child_logp)
-    num_acc, nodes, tokens, last = longest_accepted_path(node_ok, node_tokens, tree, score)
+    g_acc, g_nodes, g_tokens, g_last = longest_accepted_path(greedy_ok, node_tokens, tree)
+    g_bonus = argmax.gather(1, g_last[:, None]).squeeze(1)
+    pick = is_greedy[:, None]
+    return AcceptanceResult(
+        torch.where(is_greedy, g_acc, res.num_accepted),
+        torch.where(pick, g_nodes, res.accepted_nodes),
+        torch.where(pick, g_tokens, res.accepted_tokens),
+        torch.where(is_greedy, g_last, res.last_node),
+        torch.where(is_greedy, g_bonus, res.bonus_token),
+    )
 
-    last_probs = probs[torch.arange(b, device=logits.device), last]  # [B, V]
-    sampled = torch.multinomial(last_probs, 1, generator=generator).squeeze(1)
-    bonus = torch.where(is_greedy, argmax.gather(1, last[:, None]).squeeze(1), sampled)
-    return AcceptanceResult(num_acc, nodes, tokens, last, bonus)
+
+def typical_accept_probs(
+    node_tokens: torch.Tensor,
+    probs: torch.Tensor,
+    tree: TreeBuffers,
+    epsilon: torch.Tensor | float,
+    delta: torch.Tensor | float,
+    exponentials: torch.Tensor,
+    present: torch.Tensor | None = None,
+) -> AcceptanceResult:
+    """Typical acceptance over already processed target distributions ``probs``
+    ``[B, N+1, V]`` (temperature, top-k, top-p, ... applied; rows sum to 1).
+
+    Node token ``x`` is accepted when ``p(x) > min(epsilon, delta * exp(-H(p)))`` with ``p``
+    its parent's distribution; ``epsilon`` and ``delta`` are scalars or ``[B]``. Among the
+    longest accepted paths the highest summed log-probability wins; the bonus token is
+    ``argmax(p / E)`` at the last accepted node with ``exponentials`` ``[B, V]`` ``Exp(1)``
+    noise (an exact draw from ``p``). ``present`` ``[B, N+1]`` bool (optional): the nodes
+    each request drafted.
+    """
+    _check_shapes(node_tokens, probs, tree)
+    b = probs.shape[0]
+    device = probs.device
+    eps = torch.as_tensor(epsilon, dtype=torch.float32, device=device).expand(b)
+    dlt = torch.as_tensor(delta, dtype=torch.float32, device=device).expand(b)
+    probs = probs.float()
+    log_probs = probs.log()
+    entropy = -(probs * log_probs).nan_to_num().sum(dim=-1)  # [B, N+1]
+    threshold = torch.minimum(eps[:, None], dlt[:, None] * torch.exp(-entropy))
+    parents = tree.parents.clamp(min=0)
+    tokens = node_tokens.clamp(min=0)
+    child_logp = log_probs[:, parents].gather(2, tokens[:, :, None]).squeeze(2)  # [B, N+1]
+    node_ok = child_logp.exp() > threshold[:, parents]
+    if present is not None:
+        node_ok &= present
+    num_acc, nodes, acc_tokens, last = longest_accepted_path(
+        node_ok, node_tokens, tree, child_logp.nan_to_num(neginf=-1e30)
+    )
+    last_probs = probs[torch.arange(b, device=device), last]  # [B, V]
+    bonus = sample_with_noise(last_probs, exponentials)
+    return AcceptanceResult(num_acc, nodes, acc_tokens, last, bonus)
+
+
+def sample_with_noise(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
+    """``[R, V]`` (unnormalised) weights -> ``[R]`` tokens, an exact draw given ``Exp(1)``
+    noise ``[R, V]``: ``argmax(w / E)`` picks ``v`` with probability ``w(v) / sum(w)``."""
+    return (weights / exponentials).argmax(dim=-1)
 
 
 def _check_shapes(node_tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers) -> None:

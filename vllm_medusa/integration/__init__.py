@@ -43,12 +43,14 @@ def install() -> None:
         runner_patches,
         scheduler_patches,
         tree_attention,
+        tree_sampling,
     )
 
     config_patches.patch_engine_args()
     tree_attention.register_tree_attention_backend()
     runner_patches.patch_model_runner()
     scheduler_patches.patch_scheduler()
+    tree_sampling.patch_input_processor()
     _installed = True
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 CONFIG_KEY = "medusa"
-ACCEPTANCE_METHODS = ("greedy",)
+ACCEPTANCE_METHODS = ("greedy", "typical", "exact")
 DRAFT_BUDGETS = ("auto", "full")
 
 
@@ -21,9 +22,14 @@ class MedusaTreeOptions:
     - ``tree``: a preset name (``mc_sim_7b_63``, ``chain-4``, ...), a JSON file, or an explicit
       list of rank paths. Default: the heads folder's ``tree.json``, else a top-1 chain over
       all heads.
-    - ``acceptance``: ``greedy`` (lossless). Requests that do not decode greedily, or that
-      use penalties, logit biases, bad words, min_tokens or structured output, are served
-      with plain decoding (no drafts for them).
+    - ``acceptance``: how sampled requests (temperature > 0) verify drafts; greedy requests
+      are always verified greedily (lossless). ``greedy`` (default): sampled requests get no
+      drafts (plain decoding). ``typical``: Medusa's typical acceptance with ``typical_eps``
+      (default 0.09) and ``typical_delta`` (default 0.3). ``exact``: tree rejection sampling,
+      which keeps the request's distribution exactly. A request may override all three
+      through ``SamplingParams.extra_args`` (:mod:`.tree_sampling`). Requests that use
+      penalties, logit biases, bad words, min_tokens or structured output are served with
+      plain decoding (no drafts for them) in every mode.
     - ``draft_budget``: ``auto`` (default) drafts, each step, the breadth-first prefix of the
       tree (possibly empty: plain decoding) with the best expected tokens per second, from a
       step-cost table measured at engine start and running per-node acceptance rates
@@ -33,6 +39,8 @@ class MedusaTreeOptions:
     tree: Any = None
     acceptance: str = "greedy"
     draft_budget: str = "auto"
+    typical_eps: float = 0.09
+    typical_delta: float = 0.3
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> MedusaTreeOptions:
@@ -56,8 +64,16 @@ class MedusaTreeOptions:
                 f"unknown acceptance method {options.acceptance!r}; "
                 f"supported: {list(ACCEPTANCE_METHODS)}"
             )
+        for name in ("typical_eps", "typical_delta"):
+            value = getattr(options, name)
+            if not is_positive_number(value):
+                raise MedusaConfigError(f"{name} must be a number > 0, got {value!r}")
         if options.draft_budget not in DRAFT_BUDGETS:
             raise MedusaConfigError(
                 f"unknown draft_budget {options.draft_budget!r}; supported: {list(DRAFT_BUDGETS)}"
             )
         return options
+
+
+def is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf

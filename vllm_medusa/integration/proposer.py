@@ -28,7 +28,7 @@ from vllm_medusa.core.draft_budget import (
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.sequential_heads import SequentialHeads, SequentialTreePlan
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
-from vllm_medusa.integration import startup_checks, tree_kernels
+from vllm_medusa.integration import startup_checks, tree_kernels, tree_sampling
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
 from vllm_medusa.integration.tree_attention import TreeMaskLayout
 
@@ -54,12 +54,15 @@ def resolve_tree(options: MedusaTreeOptions, heads_dir: Path, num_heads: int) ->
         raise MedusaConfigError(f"invalid Medusa tree: {e}") from e
 
 
-def request_can_speculate(sampling_params) -> bool:
-    """Whether greedy tree verification reproduces exactly what this request would decode.
+def request_can_speculate(sampling_params, options: MedusaTreeOptions | None = None) -> bool:
+    """Whether tree verification serves this request exactly as it would decode plainly.
 
-    Tree verification accepts a draft when it equals the argmax of the raw logits. That is
-    what the request decodes only when it samples greedily and nothing in vLLM 0.32's V1
-    sampler changes the argmax for it. Audited against ``Sampler.forward`` /
+    Greedy requests: greedy verification accepts a draft when it equals the argmax of the raw
+    logits, which is what the request decodes only when nothing in vLLM 0.32's V1 sampler
+    changes the argmax for it. Sampled requests (under ``acceptance`` ``typical`` or
+    ``exact``, engine-wide or per request, :mod:`.tree_sampling`): the target distribution at
+    every node is the raw logits under the request's temperature, top-k, top-p and min-p, so
+    nothing else may shape it. Audited against ``Sampler.forward`` /
     ``apply_logits_processors``: allowed-token mask, bad words, the non-argmax-invariant
     logits processors (``min_tokens``; ``logit_bias`` is refused by vLLM with speculative
     decoding, and so are engine-level custom logits processors), penalties and the thinking
@@ -71,8 +74,11 @@ def request_can_speculate(sampling_params) -> bool:
     Requests outside this set get no drafts and are decoded plainly, which is always correct.
     """
     sp = sampling_params
-    if sp is None or sp.temperature >= _GREEDY_EPS:
+    if sp is None:
         return False
+    if sp.temperature >= _GREEDY_EPS:
+        if options is None or tree_sampling.request_mode(sp, options) == "greedy":
+            return False
     if sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1:
         return False
     if sp.logit_bias or sp.allowed_token_ids or sp.bad_words or sp._bad_words_token_ids:

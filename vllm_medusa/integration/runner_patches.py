@@ -7,7 +7,10 @@ Each wrapper defers to vLLM's own method unless the runner's drafter is a
 - ``GPUModelRunner._prepare_inputs``: tree positions (context + node depth) and the tree
   attention plan for the step.
 - ``GPUModelRunner._sample``: longest-path greedy acceptance over each request's tree instead
-  of the chain rejection sampler, then KV compaction of the accepted nodes.
+  of the chain rejection sampler (typical acceptance or exact tree rejection sampling for
+  sampled requests, :mod:`.tree_sampling`), then KV compaction of the accepted nodes.
+- ``InputProcessor._validate_params`` (:mod:`.tree_sampling`): bad per-request Medusa options
+  in ``SamplingParams.extra_args`` are a client error (400), naming the value.
 - ``GPUModelRunner.propose_draft_token_ids``: heads read the hidden state of the last accepted
   node (not the chain's last row) and fill the tree; the draft budget picks how much of it.
 - ``GPUModelRunner._input_fits_in_drafter``: always true for the tree drafter. vLLM's fallback
@@ -37,7 +40,7 @@ from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_medusa.core.acceptance import longest_accepted_path
-from vllm_medusa.integration import startup_checks, tree_attention, tree_kernels
+from vllm_medusa.integration import startup_checks, tree_attention, tree_kernels, tree_sampling
 from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
 
 PLACEHOLDER_TOKEN_ID = -1
@@ -49,11 +52,12 @@ def _tree_drafter(runner) -> TreeMedusaProposer | None:
 
 
 def speculating_requests(runner, num_reqs: int) -> np.ndarray:
-    """``[num_reqs]`` bool, in batch order: which requests greedy verification may draft for."""
+    """``[num_reqs]`` bool, in batch order: which requests tree verification may draft for."""
     requests = runner.requests
+    options = runner.drafter.options
     return np.array(
         [
-            request_can_speculate(requests[req_id].sampling_params)
+            request_can_speculate(requests[req_id].sampling_params, options)
             for req_id in runner.input_batch.req_ids[:num_reqs]
         ],
         dtype=bool,
@@ -236,12 +240,21 @@ def _wrap_sample(original):
         num_acc, nodes, tokens, last, first_row = tree_accept_greedy(
             logits, spec_md, drafter, verify
         )
+        # Sampled requests: typical / exact acceptance replaces greedy for them.
+        sampled_acc = tree_sampling.accept_sampled_requests(
+            self, drafter, logits, spec_md, real_drafts, first_row
+        )
+        if sampled_acc is not None:
+            num_acc, nodes, tokens, last = sampled_acc.merge(num_acc, nodes, tokens, last)
+        tree_sampling.record_accepted(drafter, num_acc)
         drafter.record_acceptance(real_drafts, nodes.cpu().numpy())
         bonus_rows = first_row + last
         # The bonus token goes through vLLM's sampler: requests without drafts (sampling,
         # penalties, ...) are sampled exactly as plain decoding would sample them.
         bonus_out = self.sampler(logits=logits[bonus_rows], sampling_metadata=sampling_metadata)
         bonus = bonus_out.sampled_token_ids[:, 0].to(torch.long)
+        if sampled_acc is not None:
+            bonus = sampled_acc.merge_bonus(bonus)  # from the residual / last accepted node
         b, depth = tokens.shape
         sampled = torch.full(
             (b, depth + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=logits.device
