@@ -71,17 +71,23 @@ def test_aggregate_prometheus_sums_counters_and_keeps_metadata_once():
 
 def test_check_request_body_refuses_what_vllm_would_not_see():
     with pytest.raises(BadRequest, match="not valid JSON"):
-        check_request_body(b'{"model": ', "greedy")
+        check_request_body(b'{"model": ')
     with pytest.raises(BadRequest, match="JSON object"):
-        check_request_body(b"[1, 2]", "greedy")
-    with pytest.raises(BadRequest, match="unknown acceptance method 'typical'"):
-        check_request_body(b'{"medusa": {"acceptance": "typical"}}', "greedy")
+        check_request_body(b"[1, 2]")
+    with pytest.raises(BadRequest, match="unknown acceptance method 'sloppy'"):
+        check_request_body(b'{"medusa": {"acceptance": "sloppy"}}')
     with pytest.raises(BadRequest, match="unknown .medusa. request option"):
-        check_request_body(b'{"medusa": {"tree": "chain-2"}}', "greedy")
+        check_request_body(b'{"medusa": {"tree": "chain-2"}}')
     body = b'{"model": "m", "prompt": "x"}'
-    assert check_request_body(body, "greedy") is body
-    forwarded = check_request_body(b'{"model": "m", "medusa": {"acceptance": "greedy"}}', "greedy")
-    assert json.loads(forwarded) == {"model": "m"}
+    assert check_request_body(body) is body
+    # Per-request options go where the engine reads them (SamplingParams.extra_args).
+    forwarded = check_request_body(
+        b'{"model": "m", "medusa": {"acceptance": "typical", "typical_eps": 0.05}}'
+    )
+    assert json.loads(forwarded) == {
+        "model": "m",
+        "vllm_xargs": {"medusa_acceptance": "typical", "medusa_typical_eps": 0.05},
+    }
 
 
 def test_pop_host_port_takes_the_endpoint_flags_out_of_the_server_flags():

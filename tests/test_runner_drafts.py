@@ -14,8 +14,11 @@ pytestmark = pytest.mark.vllm
 def _runner(*sampling):
     from vllm import SamplingParams
 
+    from vllm_medusa.integration.options import MedusaTreeOptions
+
     req_ids = [f"r{i}" for i in range(len(sampling))]
     return SimpleNamespace(
+        drafter=SimpleNamespace(options=MedusaTreeOptions()),  # acceptance "greedy"
         input_batch=SimpleNamespace(req_ids=req_ids),
         requests={
             r: SimpleNamespace(sampling_params=SamplingParams(**sp))

@@ -229,7 +229,7 @@ class MedusaOpenAIReplica:
         body = await request.body()
         if request.method == "POST" and path.startswith("v1/"):
             try:
-                body = check_request_body(body, self.acceptance)
+                body = check_request_body(body)
             except BadRequest as e:
                 return JSONResponse(openai_error(400, str(e)), status_code=400)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP_HEADERS}

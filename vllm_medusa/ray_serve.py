@@ -147,11 +147,20 @@ class BadRequest(ValueError):
     """A request the replica refuses before vLLM sees it (answered 400)."""
 
 
-def check_request_body(body: bytes, served_acceptance: str) -> bytes:
-    """The body to forward to vLLM. Refuses a body that is not a JSON object, and checks the
-    optional per-request ``"medusa": {"acceptance": ...}`` against what this deployment
-    serves (the acceptance method is an engine option; a request cannot switch it, and
-    vLLM would silently ignore an unknown field). The ``medusa`` field is removed."""
+# The request's "medusa" object -> the SamplingParams.extra_args keys tree Medusa reads
+# (``integration/tree_sampling.py``; the OpenAI server passes ``vllm_xargs`` through).
+REQUEST_OPTIONS = {
+    "acceptance": "medusa_acceptance",
+    "typical_eps": "medusa_typical_eps",
+    "typical_delta": "medusa_typical_delta",
+}
+
+
+def check_request_body(body: bytes) -> bytes:
+    """The body to forward to vLLM. Refuses a body that is not a JSON object; an optional
+    per-request ``"medusa": {"acceptance": ..., "typical_eps": ..., "typical_delta": ...}``
+    (vLLM would silently ignore an unknown field) is checked and moved into ``vllm_xargs``,
+    where the engine reads it (and answers 400 for values it refuses)."""
     from vllm_medusa.integration.options import ACCEPTANCE_METHODS
 
     try:
@@ -164,20 +173,21 @@ def check_request_body(body: bytes, served_acceptance: str) -> bytes:
         return body
     options = request.pop("medusa")
     if not isinstance(options, dict):
-        raise BadRequest('"medusa" must be an object such as {"acceptance": "greedy"}')
-    unknown = sorted(set(options) - {"acceptance"})
+        raise BadRequest('"medusa" must be an object such as {"acceptance": "typical"}')
+    unknown = sorted(set(options) - set(REQUEST_OPTIONS))
     if unknown:
-        raise BadRequest(f'unknown "medusa" request option(s) {unknown}; known: ["acceptance"]')
-    acceptance = options.get("acceptance", served_acceptance)
+        raise BadRequest(
+            f'unknown "medusa" request option(s) {unknown}; known: {list(REQUEST_OPTIONS)}'
+        )
+    acceptance = options.get("acceptance", "greedy")
     if acceptance not in ACCEPTANCE_METHODS:
         raise BadRequest(
             f"unknown acceptance method {acceptance!r}; supported: {list(ACCEPTANCE_METHODS)}"
         )
-    if acceptance != served_acceptance:
-        raise BadRequest(
-            f"acceptance method {acceptance!r} is not the one this deployment serves "
-            f"({served_acceptance!r}); it is an engine option"
-        )
+    xargs = request.setdefault("vllm_xargs", {})
+    if not isinstance(xargs, dict):
+        raise BadRequest('"vllm_xargs" must be an object')
+    xargs.update({REQUEST_OPTIONS[k]: v for k, v in options.items()})
     return json.dumps(request).encode()
 
 
