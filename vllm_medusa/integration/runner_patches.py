@@ -15,8 +15,8 @@ Each wrapper defers to vLLM's own method unless the runner's drafter is a
   proposer; the tree proposer decides which requests draft, and the scheduler already cuts
   each request's drafts to what fits (a breadth-first prefix of the tree is a tree).
 - ``Worker.compile_or_warm_up_model`` (and the CPU worker's override): before it, the built
-  model's attention layers and KV-cache groups are checked (:mod:`.startup_checks`);
-  afterwards, the proposer times forward passes for the draft budget's step-cost table.
+  model's attention layers, KV-cache groups and each CPU ISA's K/V packing are checked
+  (:mod:`.startup_checks`); afterwards, the proposer times forward passes for the draft budget's step-cost table.
 - ``Scheduler.__init__`` (:mod:`.scheduler_patches`): no placeholder drafts for new requests.
 - ``EngineArgs.create_speculative_config`` (:mod:`.config_patches`): a missing
   ``num_speculative_tokens`` is derived from the tree.
@@ -32,6 +32,7 @@ import functools
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -40,6 +41,7 @@ from vllm_medusa.core.acceptance import longest_accepted_path
 from vllm_medusa.integration import startup_checks, tree_attention
 from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
 
+logger = init_logger(f"vllm.{__name__}")
 PLACEHOLDER_TOKEN_ID = -1
 
 
@@ -372,7 +374,9 @@ def _wrap_compile_or_warm_up(original):
     @functools.wraps(original)
     def compile_or_warm_up_model(self):
         if _tree_drafter(self.model_runner) is not None:
-            startup_checks.check_model(self.model_runner)
+            isas = startup_checks.check_model(self.model_runner)
+            if isas:
+                logger.info("Medusa tree attention: K/V packing of CPU ISA %s checked", isas)
         result = original(self)
         drafter = _tree_drafter(self.model_runner)
         if drafter is not None:
