@@ -137,6 +137,17 @@ def build_tree_plan(runner, drafter: TreeMedusaProposer, spec_md, num_scheduled_
     )
 
 
+def _count_step(runner, drafter: TreeMedusaProposer, spec_md) -> None:
+    """Count a step that verifies drafts, and whether a prompt prefill shares it."""
+    if not any(spec_md.num_draft_tokens):
+        return
+    batch = runner.input_batch
+    n = batch.num_reqs
+    prefilling = batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]
+    drafter.counters.tree_steps += 1
+    drafter.counters.tree_steps_with_prefill += int(prefilling.any())
+
+
 def _wrap_prepare_inputs(original):
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -149,6 +160,7 @@ def _wrap_prepare_inputs(original):
         if drafter is not None and spec_md is not None:
             plan = build_tree_plan(self, drafter, spec_md, num_scheduled_tokens)
             tree_attention.set_plan(plan)
+            _count_step(self, drafter, spec_md)
         return result
 
     _prepare_inputs.__vllm_medusa_patch__ = True
@@ -387,10 +399,16 @@ def _wrap_compile_or_warm_up(original):
     return compile_or_warm_up_model
 
 
+def _worker_counters(worker) -> dict | None:
+    drafter = _tree_drafter(worker.model_runner)
+    return None if drafter is None else drafter.counters.as_dict()
+
+
 def _patch_workers() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.worker import gpu_worker
 
+    gpu_worker.Worker.vllm_medusa_counters = _worker_counters  # the CPU worker inherits it
     workers = [gpu_worker.Worker]
     if current_platform.is_cpu():
         from vllm.v1.worker import cpu_worker
