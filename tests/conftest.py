@@ -16,6 +16,9 @@ ORACLE_PROMPTS = [
     "Give two tips for learning to cook.",
 ]
 ORACLE_MAX_TOKENS = 48
+# Rank of the true next token under the oracle sequential heads (decoys above it): the text
+# lies on the tree branch [2, 2, 2, 2], never on the rank-0 chain.
+ORACLE_SEQUENTIAL_RANK = 2
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +51,12 @@ def oracle_heads(smollm2_dir):
 
 @pytest.fixture(scope="session")
 def oracle_sequential_heads(smollm2_dir):
-    """Sequential heads that know the greedy continuation of ORACLE_PROMPTS (cached)."""
+    """Sequential heads that know the greedy continuation of ORACLE_PROMPTS, ranking the true
+    token ORACLE_SEQUENTIAL_RANK-th at every depth (cached)."""
     from tests.oracle_heads import fit_oracle_sequential_heads
 
-    return _cached_fixture("oracle-sequential-heads-v1", fit_oracle_sequential_heads, smollm2_dir)
+    def fit(*args, **kwargs):
+        return fit_oracle_sequential_heads(*args, rank=ORACLE_SEQUENTIAL_RANK, **kwargs)
+
+    name = f"oracle-sequential-heads-rank{ORACLE_SEQUENTIAL_RANK}-v1"
+    return _cached_fixture(name, fit, smollm2_dir)

@@ -44,9 +44,11 @@ def fit_oracle_sequential_heads(
     max_new_tokens: int = 48,
     num_heads: int = 4,
     max_steps: int = 800,
+    rank: int = 0,
 ) -> Path:
     """Sequential heads that know the greedy continuation: head d, reading the true path,
-    predicts the next token of the continuation."""
+    ranks the next token of the continuation ``rank``-th (0: top-1; see
+    :func:`_demote_true_tokens`)."""
     from vllm_medusa.core.sequential_heads import (
         SequentialConfig,
         SequentialHeads,
@@ -94,8 +96,57 @@ def fit_oracle_sequential_heads(
                 break
     else:
         raise RuntimeError("oracle sequential heads did not memorise the continuation")
+    if rank:
+        heads = _demote_true_tokens(heads, x, embed[path], y, rank)
     save_sequential_heads(heads, out_dir)
     return out_dir
+
+
+def _demote_true_tokens(heads, x, path_emb, labels, rank: int, margin: float = 0.3):
+    """Oracle heads whose top-1 is the true token -> heads that rank it ``rank``-th: each
+    draft-vocabulary token ``t`` gets ``rank`` decoys (unused full ids) with draft LM head
+    rows ``(1 + j * eps) D[t]``, j = 1..rank, which outscore ``t`` wherever ``t`` is the top
+    (positive) logit. Checked with ``margin`` at every labelled position (vLLM's states differ
+    slightly from these): decoys of ``t``, then ``t``, then everything else."""
+    from vllm_medusa.core.sequential_heads import SequentialConfig, SequentialHeads
+
+    with torch.no_grad():
+        logits = heads.draft_logits(heads.path_states(x, path_emb))  # [K, N, V']
+        valid = (labels >= 0).t()  # [K, N]
+        top2 = logits.topk(2, dim=-1).values[valid]  # [M, 2]
+        eps = 2 * margin / float(top2[:, 0].min())
+        if not (
+            top2[:, 0].min() > 0 and ((1 + rank * eps) * top2[:, 1] + margin < top2[:, 0]).all()
+        ):
+            raise RuntimeError("oracle heads' margins leave no room for decoys")
+        old_ids, d = heads.draft_token_ids.cpu(), heads.draft_lm_head.detach()
+        used = torch.zeros(heads.config.vocab_size, dtype=torch.bool)
+        used[old_ids] = True
+        free = torch.nonzero(~used[1000:])[:, 0] + 1000  # ordinary tokens, past the specials
+        ids = [old_ids] + [free[j * len(old_ids) : (j + 1) * len(old_ids)] for j in range(rank)]
+        rows = [d] + [(1 + (j + 1) * eps) * d for j in range(rank)]
+        ids, rows = torch.cat(ids), torch.cat(rows)
+        order = ids.argsort()
+        config = SequentialConfig(
+            **{**heads.config.to_dict(), "draft_vocab_size": int(ids.numel())}
+        )
+        ranked = SequentialHeads(config, ids[order])
+        for name in ("in_proj_weight", "in_proj_bias", "block_weight", "block_bias"):
+            getattr(ranked, name).copy_(getattr(heads, name))
+        ranked.draft_lm_head.copy_(rows[order])
+        # Check: at every labelled position the top rank + 1 full ids are the true token's
+        # decoys (highest multiplier first), then the true token, each ahead by margin.
+        top = ranked.draft_logits(ranked.path_states(x, path_emb)).topk(rank + 2, dim=-1)
+        got = ranked.to_full_ids(top.indices)[valid]  # [M, rank + 2]
+        true = labels.t()[valid]  # [M] full ids
+        slot = torch.searchsorted(old_ids, true)
+        want = torch.stack(
+            [free[j * len(old_ids) + slot] for j in reversed(range(rank))] + [true], 1
+        )
+        gaps = top.values[valid][:, :-1] - top.values[valid][:, 1:]
+        if not (torch.equal(got[:, : rank + 1], want) and bool((gaps > margin).all())):
+            raise RuntimeError("demoted oracle heads do not rank the true tokens as wanted")
+    return ranked
 
 
 def fit_oracle_heads(

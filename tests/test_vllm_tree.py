@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ORACLE_MAX_TOKENS, ORACLE_PROMPTS
+from tests.conftest import ORACLE_MAX_TOKENS, ORACLE_PROMPTS, ORACLE_SEQUENTIAL_RANK
 from tests.vllm_jobs import (
     SHIPPED_HEADS,
     first_divergence,
@@ -140,18 +140,43 @@ def test_deep_acceptance_with_oracle_heads(tmp_path, smollm2_dir, oracle_heads, 
     assert spec["accepted_per_position"][3] > 0, spec
 
 
-def test_deep_acceptance_with_oracle_sequential_heads(
+# The rank-0 chain, the branch the oracle sequential heads' text lies on ([2, 2, 2, 2]) and
+# siblings of it at every depth.
+OFF_RANK_TREE = [[0], [1], [2], [0, 0], [2, 0], [2, 1], [2, 2], [0, 0, 0], [2, 2, 0], [2, 2, 1]]
+OFF_RANK_TREE += [[2, 2, 2], [2, 2, 2, 0], [2, 2, 2, 2]]
+
+
+def test_deep_acceptance_off_the_rank_0_chain(
     tmp_path, smollm2_dir, oracle_sequential_heads, oracle_plain
 ):
-    """Sequential heads fill the tree depth by depth from each node's own path (the bonus
-    token first, through vLLM's embedding); memorised text accepts whole 4-deep paths."""
+    """Sequential heads that rank the true token 3rd at every depth (two decoys above it):
+    the text is accepted along the branch [2, 2, 2, 2] only, which needs each node's own path
+    read depth by depth (the bonus token first, through vLLM's embedding), tree masks for
+    nodes that are not first children and KV compaction from far slots."""
+    from vllm_medusa.core.tree import MedusaTree
+    from vllm_medusa.metrics import SpecDecodeSummary
+
+    assert ORACLE_SEQUENTIAL_RANK == 2
     medusa = _medusa(
-        tmp_path, "oracle-seq", smollm2_dir, ORACLE_JOB, oracle_sequential_heads, "mc_sim_7b_63"
+        tmp_path, "oracle-seq", smollm2_dir, ORACLE_JOB, oracle_sequential_heads, OFF_RANK_TREE
     )
     _assert_identical(oracle_plain, medusa)
     spec = medusa["spec"]
-    assert spec["tau"] > 3.5, spec
-    assert spec["accepted_per_position"][3] > 0, spec
+    summary = SpecDecodeSummary(
+        spec["num_drafts"],
+        spec["num_draft_tokens"],
+        spec["num_accepted_tokens"],
+        spec["accepted_per_position"],
+    )
+    lengths = summary.accepted_length_distribution()  # P(exactly d drafts accepted)
+    assert len(lengths) == 5 and sum(lengths[3:]) > 0.5, summary.format()
+    tree = MedusaTree.from_paths(OFF_RANK_TREE, num_heads=4)
+    accepted = medusa["medusa_counters"]["accepted_per_node"]  # per node, since start
+    by_path = {tuple(p): accepted[m] for m, p in enumerate(tree.paths)}
+    assert by_path[(0,)] == by_path[(1,)] == by_path[(0, 0, 0)] == 0, by_path
+    assert by_path[(2, 2, 2)] > 0 and by_path[(2, 2, 2, 2)] > 0, by_path
+    # Every step that accepted 3 drafts did so through node [2, 2, 2].
+    assert by_path[(2, 2, 2)] == spec["accepted_per_position"][2], by_path
 
 
 def test_draft_budget_keeps_drafting_heads_that_are_accepted(
@@ -234,19 +259,43 @@ def test_preemption_with_small_kv_cache(tmp_path, smollm2_dir, mt_bench_prompts,
     }
     plain, medusa = _pair(tmp_path, "preempt", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
     _assert_identical(plain, medusa)
+    assert medusa["counters"]["vllm:num_preemptions"] > 0, medusa["counters"]
+    assert medusa["medusa_counters"]["tree_steps"] > 0
 
 
 def test_prefix_caching(tmp_path, smollm2_dir, oracle_heads):
-    """Repeated prompts hit the prefix cache (requests start with computed tokens)."""
+    """Repeated prompts hit the prefix cache (requests start with computed tokens); then each
+    request's prompt + output, as a new prompt, hits the blocks tree verification wrote
+    (accepted nodes compacted into place), and continues exactly as plain decoding."""
+    block_size = 32
     job = {
-        "engine": {**ENGINE, "enable_prefix_caching": True, "block_size": 32},
-        "prompts": ORACLE_PROMPTS,
+        "engine": {**ENGINE, "enable_prefix_caching": True, "block_size": block_size},
+        "prompts": ORACLE_PROMPTS * 2,
         "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
         "one_at_a_time": True,
+        "continue": {"temperature": 0, "max_tokens": 16},
     }
-    job["prompts"] = ORACLE_PROMPTS * 2
     plain, medusa = _pair(tmp_path, "prefix", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
     _assert_identical(plain, medusa)
+    cont, plain_cont = medusa["continuations"], plain["continuations"]
+    assert cont["prompt_token_ids"] == plain_cont["prompt_token_ids"]
+    assert cont["token_ids"] == plain_cont["token_ids"], first_divergence(
+        plain_cont["token_ids"], cont["token_ids"]
+    )
+    for ids, out, hits, plain_hits in zip(
+        cont["prompt_token_ids"],
+        medusa["token_ids"],
+        cont["prefix_cache_hits"],
+        plain_cont["prefix_cache_hits"],
+        strict=True,
+    ):
+        prompt_blocks = (len(ids) - len(out)) // block_size * block_size
+        # Blocks past the original prompt's were written while the first request decoded,
+        # i.e. by tree verification (the oracle heads accept most of each answer). vLLM
+        # caches a block when it schedules past it, so the tokens accepted in a request's
+        # last step may miss the cache that plain decoding (one token per step) fills.
+        assert prompt_blocks < hits <= plain_hits == (len(ids) - 1) // block_size * block_size
+    assert medusa["spec"]["tau"] > 2.5, medusa["spec"]
 
 
 def test_chunked_prefill_with_long_prompts(tmp_path, smollm2_dir, oracle_heads):
@@ -269,6 +318,7 @@ def test_chunked_prefill_with_long_prompts(tmp_path, smollm2_dir, oracle_heads):
     }
     plain, medusa = _pair(tmp_path, "chunked", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
     _assert_identical(plain, medusa)
+    assert medusa["medusa_counters"]["tree_steps_with_prefill"] > 0, medusa["medusa_counters"]
 
 
 def test_requests_that_cannot_speculate_decode_plainly(tmp_path, smollm2_dir, oracle_heads):
