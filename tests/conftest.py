@@ -16,9 +16,9 @@ ORACLE_PROMPTS = [
     "Give two tips for learning to cook.",
 ]
 ORACLE_MAX_TOKENS = 48
-# Rank of the true next token under the oracle sequential heads (decoys above it): the text
-# lies on the tree branch [2, 2, 2, 2], never on the rank-0 chain.
-ORACLE_SEQUENTIAL_RANK = 2
+# Rank of the true next token under the demoted oracle heads (decoys above it at every head):
+# their text lies on the tree branch [2, 2, 2, 2], never on the rank-0 chain.
+DEMOTED_RANK = 2
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +51,20 @@ def oracle_heads(smollm2_dir):
 
 @pytest.fixture(scope="session")
 def oracle_sequential_heads(smollm2_dir):
-    """Sequential heads that know the greedy continuation of ORACLE_PROMPTS, ranking the true
-    token ORACLE_SEQUENTIAL_RANK-th at every depth (cached)."""
+    """Sequential heads that know the greedy continuation of ORACLE_PROMPTS (cached)."""
     from tests.oracle_heads import fit_oracle_sequential_heads
 
-    def fit(*args, **kwargs):
-        return fit_oracle_sequential_heads(*args, rank=ORACLE_SEQUENTIAL_RANK, **kwargs)
+    return _cached_fixture("oracle-sequential-heads-v1", fit_oracle_sequential_heads, smollm2_dir)
 
-    name = f"oracle-sequential-heads-rank{ORACLE_SEQUENTIAL_RANK}-v1"
-    return _cached_fixture(name, fit, smollm2_dir)
+
+@pytest.fixture(scope="session")
+def demoted_oracle_heads(smollm2_dir, oracle_heads):
+    """The oracle heads, ranking the true token DEMOTED_RANK-th (derived, no training; cached)."""
+    from tests.oracle_heads import demote_true_tokens
+
+    def derive(model_dir, prompts, out, max_new_tokens):
+        return demote_true_tokens(
+            oracle_heads, model_dir, prompts, out, rank=DEMOTED_RANK, max_new_tokens=max_new_tokens
+        )
+
+    return _cached_fixture(f"oracle-heads-v1-rank{DEMOTED_RANK}", derive, smollm2_dir)

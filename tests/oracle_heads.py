@@ -44,11 +44,9 @@ def fit_oracle_sequential_heads(
     max_new_tokens: int = 48,
     num_heads: int = 4,
     max_steps: int = 800,
-    rank: int = 0,
 ) -> Path:
     """Sequential heads that know the greedy continuation: head d, reading the true path,
-    ranks the next token of the continuation ``rank``-th (0: top-1; see
-    :func:`_demote_true_tokens`)."""
+    predicts the next token of the continuation."""
     from vllm_medusa.core.sequential_heads import (
         SequentialConfig,
         SequentialHeads,
@@ -96,57 +94,8 @@ def fit_oracle_sequential_heads(
                 break
     else:
         raise RuntimeError("oracle sequential heads did not memorise the continuation")
-    if rank:
-        heads = _demote_true_tokens(heads, x, embed[path], y, rank)
     save_sequential_heads(heads, out_dir)
     return out_dir
-
-
-def _demote_true_tokens(heads, x, path_emb, labels, rank: int, margin: float = 0.3):
-    """Oracle heads whose top-1 is the true token -> heads that rank it ``rank``-th: each
-    draft-vocabulary token ``t`` gets ``rank`` decoys (unused full ids) with draft LM head
-    rows ``(1 + j * eps) D[t]``, j = 1..rank, which outscore ``t`` wherever ``t`` is the top
-    (positive) logit. Checked with ``margin`` at every labelled position (vLLM's states differ
-    slightly from these): decoys of ``t``, then ``t``, then everything else."""
-    from vllm_medusa.core.sequential_heads import SequentialConfig, SequentialHeads
-
-    with torch.no_grad():
-        logits = heads.draft_logits(heads.path_states(x, path_emb))  # [K, N, V']
-        valid = (labels >= 0).t()  # [K, N]
-        top2 = logits.topk(2, dim=-1).values[valid]  # [M, 2]
-        eps = 2 * margin / float(top2[:, 0].min())
-        if not (
-            top2[:, 0].min() > 0 and ((1 + rank * eps) * top2[:, 1] + margin < top2[:, 0]).all()
-        ):
-            raise RuntimeError("oracle heads' margins leave no room for decoys")
-        old_ids, d = heads.draft_token_ids.cpu(), heads.draft_lm_head.detach()
-        used = torch.zeros(heads.config.vocab_size, dtype=torch.bool)
-        used[old_ids] = True
-        free = torch.nonzero(~used[1000:])[:, 0] + 1000  # ordinary tokens, past the specials
-        ids = [old_ids] + [free[j * len(old_ids) : (j + 1) * len(old_ids)] for j in range(rank)]
-        rows = [d] + [(1 + (j + 1) * eps) * d for j in range(rank)]
-        ids, rows = torch.cat(ids), torch.cat(rows)
-        order = ids.argsort()
-        config = SequentialConfig(
-            **{**heads.config.to_dict(), "draft_vocab_size": int(ids.numel())}
-        )
-        ranked = SequentialHeads(config, ids[order])
-        for name in ("in_proj_weight", "in_proj_bias", "block_weight", "block_bias"):
-            getattr(ranked, name).copy_(getattr(heads, name))
-        ranked.draft_lm_head.copy_(rows[order])
-        # Check: at every labelled position the top rank + 1 full ids are the true token's
-        # decoys (highest multiplier first), then the true token, each ahead by margin.
-        top = ranked.draft_logits(ranked.path_states(x, path_emb)).topk(rank + 2, dim=-1)
-        got = ranked.to_full_ids(top.indices)[valid]  # [M, rank + 2]
-        true = labels.t()[valid]  # [M] full ids
-        slot = torch.searchsorted(old_ids, true)
-        want = torch.stack(
-            [free[j * len(old_ids) + slot] for j in reversed(range(rank))] + [true], 1
-        )
-        gaps = top.values[valid][:, :-1] - top.values[valid][:, 1:]
-        if not (torch.equal(got[:, : rank + 1], want) and bool((gaps > margin).all())):
-            raise RuntimeError("demoted oracle heads do not rank the true tokens as wanted")
-    return ranked
 
 
 def fit_oracle_heads(
@@ -192,5 +141,70 @@ def fit_oracle_heads(
                 break
     else:
         raise RuntimeError("oracle heads did not memorise the continuation")
+    save_heads(heads, out_dir)
+    return out_dir
+
+
+def demote_true_tokens(
+    oracle_dir: Path,
+    model_dir: Path,
+    prompts: list[str],
+    out_dir: Path,
+    *,
+    rank: int = 2,
+    max_new_tokens: int = 48,
+    margin: float = 0.3,
+) -> Path:
+    """Medusa-1 oracle heads (top-1 = the true token) -> heads that rank the true token
+    ``rank``-th at every head, below ``rank`` decoys: each head gets its own LM head (the base
+    one's rows) where every token ``t`` of the continuations has decoys (unused ordinary ids)
+    with rows ``(1 + j * eps) W[t]``, j = 1..rank, which outscore ``t`` wherever ``t`` is the
+    top, positive logit. No training; checked with ``margin`` at every labelled position (vLLM's
+    states differ slightly from these): decoys of the true token, then the true token."""
+    from vllm_medusa.core.checkpoint import load_heads
+
+    seqs, model = _greedy_states(model_dir, prompts, max_new_tokens)
+    states, targets = [], []
+    num_heads = load_heads(oracle_dir).num_heads
+    for full, hidden, p in seqs:
+        n = full.shape[0]
+        for t in range(p - 1, n - 1):
+            states.append(hidden[t])
+            targets.append(
+                [full[t + 2 + i].item() if t + 2 + i < n else -100 for i in range(num_heads)]
+            )
+    x, y = torch.stack(states), torch.tensor(targets)  # [N, H], [N, K]
+    lm_head = model.lm_head.weight.detach()  # [V, H]
+    oracle = load_heads(oracle_dir)
+    valid = (y >= 0).t()  # [K, N]
+    with torch.no_grad():
+        logits = oracle.logits(x, lm_head)  # [K, N, V]
+        top2 = logits.topk(2, dim=-1)
+        assert torch.equal(top2.indices[..., 0][valid], y.t()[valid]), "not an oracle"
+        z_top, z_2nd = top2.values[..., 0][valid], top2.values[..., 1][valid]
+        eps = 2 * margin / float(z_top.min())
+        room = (1 + rank * eps) * z_2nd.clamp(min=0) + margin < z_top
+        if not (z_top.min() > 0 and bool(room.all())):
+            raise RuntimeError(f"oracle margins leave no room for decoys ({int((~room).sum())})")
+        used = torch.unique(y[y >= 0])
+        is_used = torch.zeros(lm_head.shape[0], dtype=torch.bool)
+        is_used[used] = True
+        free = torch.nonzero(~is_used[1000:])[:, 0] + 1000  # ordinary tokens, past specials
+        decoys = free[: rank * len(used)].view(rank, len(used))  # decoys[j - 1]: multiplier j
+        own = lm_head.clone()
+        for j in range(1, rank + 1):
+            own[decoys[j - 1]] = (1 + j * eps) * lm_head[used]
+        config = MedusaConfig(**{**oracle.config.to_dict(), "shared_lm_head": False})
+        heads = MedusaHeads(config)
+        heads.load_state_dict(
+            {**oracle.state_dict(), "lm_head_weight": own.expand(num_heads, -1, -1)}
+        )
+        top = heads.compute_logits(heads(x)).topk(rank + 2, dim=-1)  # [K, N, rank + 2]
+        slot = torch.searchsorted(used, y.clamp(min=0))  # [N, K]
+        want = [decoys[j - 1][slot].t() for j in range(rank, 0, -1)] + [y.t()]
+        want = torch.stack(want, dim=-1)[valid]  # [M, rank + 1]
+        gaps = (top.values[..., :-1] - top.values[..., 1:])[valid]
+        if not (torch.equal(top.indices[..., : rank + 1][valid], want) and (gaps > margin).all()):
+            raise RuntimeError("demoted oracle heads do not rank the true tokens as wanted")
     save_heads(heads, out_dir)
     return out_dir

@@ -188,7 +188,7 @@ def test_generate_prints_what_a_person_reads(vllm_run):
     assert lines[0] == f"generate: vLLM's log goes to {log} (--verbose to print it here)"
     assert not VLLM_LOG_LINE.search(proc.stdout), proc.stdout
     assert not VLLM_LOG_LINE.search(proc.stderr), proc.stderr[-3000:]
-    assert "answers: 100%" in proc.stderr  # the tqdm bar
+    assert "Processed prompts: 100%" in proc.stderr  # vLLM's tqdm bar
     assert sum(line.startswith("    => ") for line in lines) == len(records) == 2
     assert any(line.endswith(")") and " tokens/s " in line for line in lines), lines
     assert any(line.startswith("generate: Medusa tau ") for line in lines), lines

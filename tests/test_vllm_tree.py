@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ORACLE_MAX_TOKENS, ORACLE_PROMPTS, ORACLE_SEQUENTIAL_RANK
+from tests.conftest import DEMOTED_RANK, ORACLE_MAX_TOKENS, ORACLE_PROMPTS
 from tests.vllm_jobs import (
     SHIPPED_HEADS,
     first_divergence,
@@ -130,36 +130,28 @@ def oracle_plain(tmp_path_factory, smollm2_dir):
     )
 
 
-def test_deep_acceptance_with_oracle_heads(tmp_path, smollm2_dir, oracle_heads, oracle_plain):
-    """Whole paths accepted (KV compaction at every step) on a 63-node published tree."""
-    medusa = _medusa(tmp_path, "oracle", smollm2_dir, ORACLE_JOB, oracle_heads, "mc_sim_7b_63")
-    _assert_identical(oracle_plain, medusa)
-    spec = medusa["spec"]
-    # 4 heads: up to 4 drafts + 1 bonus per step; memorised text accepts nearly all of them.
-    assert spec["tau"] > 3.5, spec
-    assert spec["accepted_per_position"][3] > 0, spec
-
-
-# The rank-0 chain, the branch the oracle sequential heads' text lies on ([2, 2, 2, 2]) and
-# siblings of it at every depth.
-OFF_RANK_TREE = [[0], [1], [2], [0, 0], [2, 0], [2, 1], [2, 2], [0, 0, 0], [2, 2, 0], [2, 2, 1]]
-OFF_RANK_TREE += [[2, 2, 2], [2, 2, 2, 0], [2, 2, 2, 2]]
+# A published 63-node tree plus the branch the demoted oracle heads' text lies on.
+OFF_RANK_TREE = "mc_sim_7b_63"
+OFF_RANK_BRANCH = [[2], [2, 2], [2, 2, 2], [2, 2, 2, 2]]
 
 
 def test_deep_acceptance_off_the_rank_0_chain(
-    tmp_path, smollm2_dir, oracle_sequential_heads, oracle_plain
+    tmp_path, smollm2_dir, demoted_oracle_heads, oracle_plain
 ):
-    """Sequential heads that rank the true token 3rd at every depth (two decoys above it):
-    the text is accepted along the branch [2, 2, 2, 2] only, which needs each node's own path
-    read depth by depth (the bonus token first, through vLLM's embedding), tree masks for
-    nodes that are not first children and KV compaction from far slots."""
+    """Whole paths accepted (KV compaction at every step) on a 63-node published tree, off the
+    rank-0 chain: heads that rank the true token 3rd at every depth (two decoys above it)
+    draft the text on the branch [2, 2, 2, 2] only (tree masks for nodes that are not first
+    children, KV compaction from far slots)."""
     from vllm_medusa.core.tree import MedusaTree
     from vllm_medusa.metrics import SpecDecodeSummary
 
-    assert ORACLE_SEQUENTIAL_RANK == 2
-    medusa = _medusa(
-        tmp_path, "oracle-seq", smollm2_dir, ORACLE_JOB, oracle_sequential_heads, OFF_RANK_TREE
+    assert DEMOTED_RANK == 2
+    published = [list(p) for p in MedusaTree.resolve(OFF_RANK_TREE, num_heads=4).paths]
+    tree = MedusaTree.from_paths(
+        published + [p for p in OFF_RANK_BRANCH if p not in published], num_heads=4
     )
+    paths = [list(p) for p in tree.paths]
+    medusa = _medusa(tmp_path, "off-rank", smollm2_dir, ORACLE_JOB, demoted_oracle_heads, paths)
     _assert_identical(oracle_plain, medusa)
     spec = medusa["spec"]
     summary = SpecDecodeSummary(
@@ -168,15 +160,31 @@ def test_deep_acceptance_off_the_rank_0_chain(
         spec["num_accepted_tokens"],
         spec["accepted_per_position"],
     )
+    # 4 heads: up to 4 drafts + 1 bonus per step; memorised text accepts nearly all of them.
+    assert summary.tau > 3.5, summary.format()
     lengths = summary.accepted_length_distribution()  # P(exactly d drafts accepted)
     assert len(lengths) == 5 and sum(lengths[3:]) > 0.5, summary.format()
-    tree = MedusaTree.from_paths(OFF_RANK_TREE, num_heads=4)
     accepted = medusa["medusa_counters"]["accepted_per_node"]  # per node, since start
-    by_path = {tuple(p): accepted[m] for m, p in enumerate(tree.paths)}
+    by_path = {tuple(p): accepted[m] for m, p in enumerate(paths)}
     assert by_path[(0,)] == by_path[(1,)] == by_path[(0, 0, 0)] == 0, by_path
     assert by_path[(2, 2, 2)] > 0 and by_path[(2, 2, 2, 2)] > 0, by_path
-    # Every step that accepted 3 drafts did so through node [2, 2, 2].
+    # Every step that accepted 3 or 4 drafts did so through node [2, 2, 2], then [2, 2, 2, 2].
     assert by_path[(2, 2, 2)] == spec["accepted_per_position"][2], by_path
+    assert by_path[(2, 2, 2, 2)] == spec["accepted_per_position"][3], by_path
+
+
+def test_deep_acceptance_with_oracle_sequential_heads(
+    tmp_path, smollm2_dir, oracle_sequential_heads, oracle_plain
+):
+    """Sequential heads fill the tree depth by depth from each node's own path (the bonus
+    token first, through vLLM's embedding); memorised text accepts whole 4-deep paths."""
+    medusa = _medusa(
+        tmp_path, "oracle-seq", smollm2_dir, ORACLE_JOB, oracle_sequential_heads, "mc_sim_7b_63"
+    )
+    _assert_identical(oracle_plain, medusa)
+    spec = medusa["spec"]
+    assert spec["tau"] > 3.5, spec
+    assert spec["accepted_per_position"][3] > 0, spec
 
 
 def test_draft_budget_keeps_drafting_heads_that_are_accepted(

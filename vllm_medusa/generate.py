@@ -306,7 +306,7 @@ def _generate(args, model: str, prompts: list[str], out, err) -> int:
     )
 
     t0 = time.perf_counter()
-    progress = functools.partial(tqdm, file=err, desc="answers", unit="req")
+    progress = functools.partial(tqdm, file=err)  # vLLM's bar ("Processed prompts"), here
     outputs = llm.generate(inputs, params, use_tqdm=progress)
     seconds = time.perf_counter() - t0
 
@@ -376,6 +376,8 @@ def _generate(args, model: str, prompts: list[str], out, err) -> int:
         summary_path = args.output.with_suffix(".summary.json")
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         say(f"generate: wrote {args.output} and {summary_path}")
+    # Stop the engine now, while its messages still go to the log (not at interpreter exit).
+    llm.llm_engine.engine_core.shutdown()
     return 0
 
 
