@@ -36,6 +36,20 @@ def _greedy_states(model_dir: Path, prompts: list[str], max_new_tokens: int):
     return out, model
 
 
+def _medusa_examples(seqs, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states ``[N, H]`` at every continuation position and the tokens each Medusa-1
+    head must predict there ``[N, K]`` (token t + 2 + i; -100 past the continuation)."""
+    states, targets = [], []
+    for full, hidden, p in seqs:
+        n = full.shape[0]
+        for t in range(p - 1, n - 1):
+            states.append(hidden[t])
+            targets.append(
+                [full[t + 2 + i].item() if t + 2 + i < n else -100 for i in range(num_heads)]
+            )
+    return torch.stack(states), torch.tensor(targets)
+
+
 def fit_oracle_sequential_heads(
     model_dir: Path,
     prompts: list[str],
@@ -109,15 +123,7 @@ def fit_oracle_heads(
 ) -> Path:
     torch.manual_seed(0)
     seqs, model = _greedy_states(model_dir, prompts, max_new_tokens)
-    states, targets = [], []
-    for full, hidden, p in seqs:
-        n = full.shape[0]
-        for t in range(p - 1, n - 1):
-            states.append(hidden[t])
-            targets.append(
-                [full[t + 2 + i].item() if t + 2 + i < n else -100 for i in range(num_heads)]
-            )
-    x, y = torch.stack(states), torch.tensor(targets)
+    x, y = _medusa_examples(seqs, num_heads)
     lm_head = model.lm_head.weight.detach()
     config = MedusaConfig(
         hidden_size=x.shape[1],
@@ -164,18 +170,10 @@ def demote_true_tokens(
     from vllm_medusa.core.checkpoint import load_heads
 
     seqs, model = _greedy_states(model_dir, prompts, max_new_tokens)
-    states, targets = [], []
-    num_heads = load_heads(oracle_dir).num_heads
-    for full, hidden, p in seqs:
-        n = full.shape[0]
-        for t in range(p - 1, n - 1):
-            states.append(hidden[t])
-            targets.append(
-                [full[t + 2 + i].item() if t + 2 + i < n else -100 for i in range(num_heads)]
-            )
-    x, y = torch.stack(states), torch.tensor(targets)  # [N, H], [N, K]
-    lm_head = model.lm_head.weight.detach()  # [V, H]
     oracle = load_heads(oracle_dir)
+    num_heads = oracle.num_heads
+    x, y = _medusa_examples(seqs, num_heads)  # [N, H], [N, K]
+    lm_head = model.lm_head.weight.detach()  # [V, H]
     valid = (y >= 0).t()  # [K, N]
     with torch.no_grad():
         logits = oracle.logits(x, lm_head)  # [K, N, V]
