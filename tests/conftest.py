@@ -16,6 +16,9 @@ ORACLE_PROMPTS = [
     "Give two tips for learning to cook.",
 ]
 ORACLE_MAX_TOKENS = 48
+# Rank of the true next token under the demoted oracle heads (decoys above it at every head):
+# their text lies on the tree branch [2, 2, 2, 2], never on the rank-0 chain.
+DEMOTED_RANK = 2
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +55,16 @@ def oracle_sequential_heads(smollm2_dir):
     from tests.oracle_heads import fit_oracle_sequential_heads
 
     return _cached_fixture("oracle-sequential-heads-v1", fit_oracle_sequential_heads, smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def demoted_oracle_heads(smollm2_dir, oracle_heads):
+    """The oracle heads, ranking the true token DEMOTED_RANK-th (derived, no training; cached)."""
+    from tests.oracle_heads import demote_true_tokens
+
+    def derive(model_dir, prompts, out, max_new_tokens):
+        return demote_true_tokens(
+            oracle_heads, model_dir, prompts, out, rank=DEMOTED_RANK, max_new_tokens=max_new_tokens
+        )
+
+    return _cached_fixture(f"oracle-heads-v1-rank{DEMOTED_RANK}", derive, smollm2_dir)

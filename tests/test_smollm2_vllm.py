@@ -1,8 +1,10 @@
 """SmolLM2-135M-Instruct: preparation from the GGUF, and greedy generation with vLLM on CPU.
 
 The slow tests prepare the model in the shared default cache (once, ~40 s) and run one vLLM
-engine in a subprocess (``vllm-medusa generate``) for two prompts: an MT-Bench question whose
-answer must be coherent, and a short prompt whose greedy tokens must equal transformers'.
+engine with tree Medusa (the shipped heads) in a subprocess (``vllm-medusa generate``, as the
+main job runs it) for two prompts: an MT-Bench question whose answer must be coherent, a short
+prompt whose greedy tokens must equal transformers', and a terminal that shows the answers
+and the summary while vLLM's own output goes to the log file.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def vllm_run(smollm2, tmp_path_factory):
         "\n".join(json.dumps({"prompt": p}) for p in (question["turns"][0], SHORT_PROMPT)) + "\n"
     )
     output = work / "out.jsonl"
+    log = work / "vllm.log"
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = [
@@ -131,20 +134,21 @@ def vllm_run(smollm2, tmp_path_factory):
         "--temperature", "0",
         "--max-model-len", "2048",
         "--enforce-eager",  # a short run: compiling would cost more than it saves
+        "--medusa-heads", "shipped",
         "--output", str(output),
+        "--log-file", str(log),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:] + log.read_text()[-5000:]
     records = [json.loads(line) for line in output.read_text().splitlines()]
     summary = json.loads(output.with_suffix(".summary.json").read_text())
-    return question, records, summary, proc.stdout
+    return question, records, summary, proc, log
 
 
 @pytest.mark.slow
 def test_vllm_answers_mt_bench_coherently(vllm_run):
-    question, records, summary, stdout = vllm_run
+    question, records, summary, _, _ = vllm_run
     assert summary["requests"] == 2 and summary["output_tokens"] > 0
-    assert "tokens/s" in stdout
     answer = records[0]["output"]
     assert records[0]["output_tokens"] >= 32
     assert answer.strip()
@@ -171,6 +175,32 @@ def test_vllm_answers_mt_bench_coherently(vllm_run):
     assert len(shared) >= 2, (shared, answer)
 
 
+# A line of vLLM's logger: "INFO 12-04 03:00:00 [file.py:12] ..." (maybe after a prefix).
+VLLM_LOG_LINE = re.compile(r"\b(DEBUG|INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d\b")
+
+
+@pytest.mark.slow
+def test_generate_prints_what_a_person_reads(vllm_run):
+    """Answers, tokens/s, tau and the draft budget's choices on the terminal (plus a progress
+    bar on stderr); vLLM's start-up chatter only in the log file, named in the first line."""
+    _, records, summary, proc, log = vllm_run
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"generate: vLLM's log goes to {log} (--verbose to print it here)"
+    assert not VLLM_LOG_LINE.search(proc.stdout), proc.stdout
+    assert not VLLM_LOG_LINE.search(proc.stderr), proc.stderr[-3000:]
+    assert "Processed prompts: 100%" in proc.stderr  # vLLM's tqdm bar
+    assert sum(line.startswith("    => ") for line in lines) == len(records) == 2
+    assert any(line.endswith(")") and " tokens/s " in line for line in lines), lines
+    assert any(line.startswith("generate: Medusa tau ") for line in lines), lines
+    budget = next(line for line in lines if line.startswith("generate: draft budget (auto)"))
+    assert "of 16 tree nodes" in budget, budget
+    assert sum(summary["draft_budget"]["steps_by_nodes"].values()) > 0, summary
+    assert len(lines) < 15, lines
+    logged = log.read_text()
+    assert len(VLLM_LOG_LINE.findall(logged)) > 20
+    assert "Medusa tree: 16 nodes" in logged and "K/V packing of CPU ISA" in logged
+
+
 @pytest.mark.slow
 def test_vllm_greedy_matches_transformers(vllm_run, smollm2):
     import torch
@@ -178,7 +208,7 @@ def test_vllm_greedy_matches_transformers(vllm_run, smollm2):
 
     from vllm_medusa.data import render_chat
 
-    _, records, _, _ = vllm_run
+    _, records, _, _, _ = vllm_run
     record = records[1]
     assert record["prompt"] == SHORT_PROMPT
     tok = AutoTokenizer.from_pretrained(smollm2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ORACLE_MAX_TOKENS, ORACLE_PROMPTS
+from tests.conftest import DEMOTED_RANK, ORACLE_MAX_TOKENS, ORACLE_PROMPTS
 from tests.vllm_jobs import (
     SHIPPED_HEADS,
     first_divergence,
@@ -130,14 +130,47 @@ def oracle_plain(tmp_path_factory, smollm2_dir):
     )
 
 
-def test_deep_acceptance_with_oracle_heads(tmp_path, smollm2_dir, oracle_heads, oracle_plain):
-    """Whole paths accepted (KV compaction at every step) on a 63-node published tree."""
-    medusa = _medusa(tmp_path, "oracle", smollm2_dir, ORACLE_JOB, oracle_heads, "mc_sim_7b_63")
+# A published 63-node tree plus the branch the demoted oracle heads' text lies on.
+OFF_RANK_TREE = "mc_sim_7b_63"
+OFF_RANK_BRANCH = [[2], [2, 2], [2, 2, 2], [2, 2, 2, 2]]
+
+
+def test_deep_acceptance_off_the_rank_0_chain(
+    tmp_path, smollm2_dir, demoted_oracle_heads, oracle_plain
+):
+    """Whole paths accepted (KV compaction at every step) on a 63-node published tree, off the
+    rank-0 chain: heads that rank the true token 3rd at every depth (two decoys above it)
+    draft the text on the branch [2, 2, 2, 2] only (tree masks for nodes that are not first
+    children, KV compaction from far slots)."""
+    from vllm_medusa.core.tree import MedusaTree
+    from vllm_medusa.metrics import SpecDecodeSummary
+
+    assert DEMOTED_RANK == 2
+    published = [list(p) for p in MedusaTree.resolve(OFF_RANK_TREE, num_heads=4).paths]
+    tree = MedusaTree.from_paths(
+        published + [p for p in OFF_RANK_BRANCH if p not in published], num_heads=4
+    )
+    paths = [list(p) for p in tree.paths]
+    medusa = _medusa(tmp_path, "off-rank", smollm2_dir, ORACLE_JOB, demoted_oracle_heads, paths)
     _assert_identical(oracle_plain, medusa)
     spec = medusa["spec"]
+    summary = SpecDecodeSummary(
+        spec["num_drafts"],
+        spec["num_draft_tokens"],
+        spec["num_accepted_tokens"],
+        spec["accepted_per_position"],
+    )
     # 4 heads: up to 4 drafts + 1 bonus per step; memorised text accepts nearly all of them.
-    assert spec["tau"] > 3.5, spec
-    assert spec["accepted_per_position"][3] > 0, spec
+    assert summary.tau > 3.5, summary.format()
+    lengths = summary.accepted_length_distribution()  # P(exactly d drafts accepted)
+    assert len(lengths) == 5 and sum(lengths[3:]) > 0.5, summary.format()
+    accepted = medusa["medusa_counters"]["accepted_per_node"]  # per node, since start
+    by_path = {tuple(p): accepted[m] for m, p in enumerate(paths)}
+    assert by_path[(0,)] == by_path[(1,)] == by_path[(0, 0, 0)] == 0, by_path
+    assert by_path[(2, 2, 2)] > 0 and by_path[(2, 2, 2, 2)] > 0, by_path
+    # Every step that accepted 3 or 4 drafts did so through node [2, 2, 2], then [2, 2, 2, 2].
+    assert by_path[(2, 2, 2)] == spec["accepted_per_position"][2], by_path
+    assert by_path[(2, 2, 2, 2)] == spec["accepted_per_position"][3], by_path
 
 
 def test_deep_acceptance_with_oracle_sequential_heads(
@@ -234,19 +267,43 @@ def test_preemption_with_small_kv_cache(tmp_path, smollm2_dir, mt_bench_prompts,
     }
     plain, medusa = _pair(tmp_path, "preempt", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
     _assert_identical(plain, medusa)
+    assert medusa["counters"]["vllm:num_preemptions"] > 0, medusa["counters"]
+    assert medusa["medusa_counters"]["tree_steps"] > 0
 
 
 def test_prefix_caching(tmp_path, smollm2_dir, oracle_heads):
-    """Repeated prompts hit the prefix cache (requests start with computed tokens)."""
+    """Repeated prompts hit the prefix cache (requests start with computed tokens); then each
+    request's prompt + output, as a new prompt, hits the blocks tree verification wrote
+    (accepted nodes compacted into place), and continues exactly as plain decoding."""
+    block_size = 32
     job = {
-        "engine": {**ENGINE, "enable_prefix_caching": True, "block_size": 32},
-        "prompts": ORACLE_PROMPTS,
+        "engine": {**ENGINE, "enable_prefix_caching": True, "block_size": block_size},
+        "prompts": ORACLE_PROMPTS * 2,
         "sampling": {"temperature": 0, "max_tokens": ORACLE_MAX_TOKENS},
         "one_at_a_time": True,
+        "continue": {"temperature": 0, "max_tokens": 16},
     }
-    job["prompts"] = ORACLE_PROMPTS * 2
     plain, medusa = _pair(tmp_path, "prefix", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
     _assert_identical(plain, medusa)
+    cont, plain_cont = medusa["continuations"], plain["continuations"]
+    assert cont["prompt_token_ids"] == plain_cont["prompt_token_ids"]
+    assert cont["token_ids"] == plain_cont["token_ids"], first_divergence(
+        plain_cont["token_ids"], cont["token_ids"]
+    )
+    for ids, out, hits, plain_hits in zip(
+        cont["prompt_token_ids"],
+        medusa["token_ids"],
+        cont["prefix_cache_hits"],
+        plain_cont["prefix_cache_hits"],
+        strict=True,
+    ):
+        prompt_blocks = (len(ids) - len(out)) // block_size * block_size
+        # Blocks past the original prompt's were written while the first request decoded,
+        # i.e. by tree verification (the oracle heads accept most of each answer). vLLM
+        # caches a block when it schedules past it, so the tokens accepted in a request's
+        # last step may miss the cache that plain decoding (one token per step) fills.
+        assert prompt_blocks < hits <= plain_hits == (len(ids) - 1) // block_size * block_size
+    assert medusa["spec"]["tau"] > 2.5, medusa["spec"]
 
 
 def test_chunked_prefill_with_long_prompts(tmp_path, smollm2_dir, oracle_heads):
@@ -269,6 +326,7 @@ def test_chunked_prefill_with_long_prompts(tmp_path, smollm2_dir, oracle_heads):
     }
     plain, medusa = _pair(tmp_path, "chunked", smollm2_dir, job, oracle_heads, "mc_sim_7b_63")
     _assert_identical(plain, medusa)
+    assert medusa["medusa_counters"]["tree_steps_with_prefill"] > 0, medusa["medusa_counters"]
 
 
 def test_requests_that_cannot_speculate_decode_plainly(tmp_path, smollm2_dir, oracle_heads):

@@ -8,12 +8,18 @@ Tests and benchmarks start this module with ``subprocess`` so that every engine 
 JOB: {"model": str, "engine": {LLM kwargs}, "medusa": {"heads": dir, "tree": ...} | null,
       "prompts": [str] (chat-rendered here) | "prompt_token_ids": [[int]],
       "sampling": {SamplingParams kwargs} | "sampling_per_prompt": [{...}],
-      "one_at_a_time": bool}
+      "one_at_a_time": bool,
+      "continue": {SamplingParams kwargs} (optional: afterwards, one at a time, each request
+      again with its prompt + output as prompt_token_ids)}
 OUT: {"token_ids": [[int]], "texts": [str], "finish_reasons": [str], "logprobs": [...],
       "prompt_logprobs": [...], "spec": {summary} | null, "seconds": float,
       "draft_tokens": [int | null], "spec_steps": [[steps, accepted] | null] (per request:
       draft tokens, verification steps, accepted drafts; with engine
-      {"per_request_spec_decode_metrics": "summary"})}
+      {"per_request_spec_decode_metrics": "summary"}),
+      "counters": {vLLM counter: value} (COUNTERS, at the end),
+      "medusa_counters": {TreeCounters.as_dict()} | null,
+      "continuations": {"prompt_token_ids", "token_ids", "finish_reasons",
+                        "prefix_cache_hits": [cached prompt tokens per request]} | null}
 """
 
 from __future__ import annotations
@@ -22,6 +28,41 @@ import json
 import os
 import sys
 import time
+
+# vLLM counters a job reports (tests assert that what they exercise really happened).
+COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
+
+
+def _counters(llm) -> dict[str, float]:
+    values = dict.fromkeys(COUNTERS, 0.0)
+    for m in llm.get_metrics():
+        if m.name in values:
+            values[m.name] += float(m.value)
+    return values
+
+
+def _continue(llm, outs, sampling: dict) -> dict:
+    """Each request again, one at a time, with its prompt + output as its prompt: the new
+    prompt's blocks were written by the first request's decoding (tree verification with
+    Medusa), so a prefix cache serves them."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(**sampling)
+    result = {
+        "prompt_token_ids": [],
+        "token_ids": [],
+        "finish_reasons": [],
+        "prefix_cache_hits": [],
+    }
+    for o in outs:
+        ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+        hits = _counters(llm)["vllm:prefix_cache_hits"]
+        (out,) = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        result["prompt_token_ids"].append(ids)
+        result["token_ids"].append(list(out.outputs[0].token_ids))
+        result["finish_reasons"].append(out.outputs[0].finish_reason)
+        result["prefix_cache_hits"].append(int(_counters(llm)["vllm:prefix_cache_hits"] - hits))
+    return result
 
 
 def _draft_tokens(completion) -> int | None:
@@ -98,7 +139,12 @@ def main() -> None:
         "spec": None,
         "draft_tokens": [_draft_tokens(o.outputs[0]) for o in outs],
         "spec_steps": [_spec_steps(o.outputs[0]) for o in outs],
+        "continuations": _continue(llm, outs, job["continue"]) if "continue" in job else None,
     }
+    result["counters"] = _counters(llm)
+    result["medusa_counters"] = (
+        llm.collective_rpc("vllm_medusa_counters")[0] if job.get("medusa") else None
+    )
     spec = summarize_vllm_metrics(llm.get_metrics())
     if spec.num_drafts:
         result["spec"] = {

@@ -3,7 +3,12 @@
 Prompts (MT-Bench first turns, ShareGPT opening turns, or a JSONL file) are rendered with
 the model's chat template and generated in one ``LLM.generate`` call. ``--speculative-config``
 and ``--additional-config`` go to ``vllm.LLM`` unchanged; when the engine counts
-speculative-decoding drafts, the mean number of tokens accepted per step is printed too.
+speculative-decoding drafts, the mean number of tokens accepted per step is printed too, and
+with tree Medusa what the draft budget chose.
+
+The terminal shows what a person reads: a progress bar, the answers and the summary. Everything
+vLLM and its libraries print (hundreds of start-up lines, from this process and the engine's)
+goes to a log file, named in the first line, unless ``--verbose``.
 
 vLLM is imported inside :func:`run`; a script that builds an engine needs an
 ``if __name__ == "__main__":`` guard (vLLM may start worker processes that re-import it).
@@ -12,6 +17,8 @@ vLLM is imported inside :func:`run`; a script that builds an engine needs an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -102,6 +109,52 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="print only the summary, not each answer"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print vLLM's own output (start-up log, warnings) here instead of to the log file",
+    )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        help="where vLLM's output goes without --verbose (default: "
+        "<cache>/logs/generate-<time>.log)",
+    )
+
+
+def default_log_file() -> Path:
+    from vllm_medusa.paths import cache_dir
+
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / time.strftime("generate-%Y%m%d-%H%M%S.log")
+
+
+@contextlib.contextmanager
+def process_output_to(log_path: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so also C++ libraries
+    and the child processes vLLM starts) to ``log_path``; yield (out, err) text streams on the
+    original terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    out = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    err = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield out, err
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        out.close()
+        err.close()
 
 
 def load_prompt_set(source: str, num_prompts: int) -> list[str]:
@@ -141,6 +194,25 @@ def spec_decode_stats(metrics) -> dict | None:
     }
 
 
+def draft_budget_choices(nodes_chosen: list[int]) -> dict | None:
+    """What the draft budget chose: steps per number of tree nodes drafted (None: no step)."""
+    steps = sum(nodes_chosen)
+    if not steps:
+        return None
+    return {
+        "tree_nodes": len(nodes_chosen) - 1,
+        "steps_by_nodes": {n: c for n, c in enumerate(nodes_chosen) if c},
+        "mean_nodes": round(sum(n * c for n, c in enumerate(nodes_chosen)) / steps, 2),
+    }
+
+
+def _medusa_counters(llm) -> dict | None:
+    try:
+        return llm.collective_rpc("vllm_medusa_counters")[0]
+    except Exception:  # not tree Medusa (the plugin's worker method is absent)
+        return None
+
+
 def resolve_heads(value: str) -> Path:
     if value == "shipped":
         from vllm_medusa.paths import shipped_heads_dir
@@ -173,10 +245,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"generate: no prompts from {args.prompts!r}", file=sys.stderr)
         return 2
 
+    if args.verbose:
+        return _generate(args, model, prompts, sys.stdout, sys.stderr)
+    log_path = args.log_file or default_log_file()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"generate: vLLM's log goes to {log_path} (--verbose to print it here)", flush=True)
+    with process_output_to(log_path) as (out, err):
+        try:
+            return _generate(args, model, prompts, out, err)
+        except BaseException:
+            print(f"generate: failed; vLLM's log is {log_path}", file=err)
+            raise
+
+
+def _generate(args, model: str, prompts: list[str], out, err) -> int:
+    from tqdm.auto import tqdm
     from vllm import LLM, SamplingParams
 
     from vllm_medusa.data import render_chat
 
+    say = functools.partial(print, file=out)
     llm_kwargs: dict = {
         "model": model,
         "dtype": "float32",
@@ -219,26 +307,27 @@ def run(args: argparse.Namespace) -> int:
     )
 
     t0 = time.perf_counter()
-    outputs = llm.generate(inputs, params, use_tqdm=False)
+    progress = functools.partial(tqdm, file=err)  # vLLM's bar ("Processed prompts"), here
+    outputs = llm.generate(inputs, params, use_tqdm=progress)
     seconds = time.perf_counter() - t0
 
     records = []
-    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
-        completion = out.outputs[0]
+    for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
+        completion = output.outputs[0]
         records.append(
             {
                 "index": i,
                 "prompt": prompt,
                 "output": completion.text,
-                "prompt_tokens": len(out.prompt_token_ids or []),
+                "prompt_tokens": len(output.prompt_token_ids or []),
                 "output_tokens": len(completion.token_ids),
                 "finish_reason": completion.finish_reason,
                 "output_token_ids": list(completion.token_ids),
             }
         )
         if not args.quiet:
-            print(f"--- [{i}] {_short(prompt, 160)}")
-            print(f"    => {_short(completion.text)}")
+            say(f"--- [{i}] {_short(prompt, 160)}")
+            say(f"    => {_short(completion.text)}")
 
     n_out = sum(r["output_tokens"] for r in records)
     summary = {
@@ -258,16 +347,26 @@ def run(args: argparse.Namespace) -> int:
         spec = None
     if spec is not None:
         summary["spec_decode"] = spec
+    counters = _medusa_counters(llm) if args.medusa_heads is not None else None
+    budget = draft_budget_choices(counters["nodes_chosen"]) if counters else None
+    if budget is not None:
+        summary["draft_budget"] = budget
 
-    print(
+    say(
         f"generate: {summary['requests']} requests, {n_out} output tokens in {seconds:.2f} s "
         f"= {summary['tokens_per_s']} tokens/s (engine start {engine_s:.1f} s)"
     )
     if spec is not None:
-        print(
+        say(
             f"generate: Medusa tau {spec['tau']:.3f} (mean tokens per verification step; "
             f"{spec['drafts']} steps with drafts, {spec['accepted_tokens']} accepted draft "
             f"tokens); accepted length distribution {spec['accepted_length_distribution']}"
+        )
+    if budget is not None:
+        say(
+            f"generate: draft budget ({args.medusa_draft_budget or 'auto'}) drafted, per step, "
+            f"the first n of {budget['tree_nodes']} tree nodes: {{n: steps}} {budget['steps_by_nodes']} "
+            f"(mean {budget['mean_nodes']})"
         )
 
     if args.output is not None:
@@ -277,7 +376,9 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         summary_path = args.output.with_suffix(".summary.json")
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"generate: wrote {args.output} and {summary_path}")
+        say(f"generate: wrote {args.output} and {summary_path}")
+    # Stop the engine now, while its messages still go to the log (not at interpreter exit).
+    llm.llm_engine.engine_core.shutdown()
     return 0
 
 

@@ -11,6 +11,7 @@ model's input embedding.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,7 @@ class TreeMedusaProposer(MedusaProposer):
         self._step_start: float | None = None
         self._drafted_this_step = (0, 0)  # (requests, nodes) drafted for the next step
         self._stats = _BudgetStats(self.tree.num_nodes)
+        self.counters = TreeCounters.zeros(self.tree.num_nodes)
         logger.info(
             "Medusa tree: %d nodes (per depth %s), top-%d, from %s; %s heads; draft budget %s",
             self.tree.num_nodes,
@@ -207,6 +209,7 @@ class TreeMedusaProposer(MedusaProposer):
             self._stats.choices[n] += 1
             if self._stats.choices.sum() >= BUDGET_LOG_EVERY:
                 self._log_budget()
+        self.counters.nodes_chosen[n] += 1
         self._drafted_this_step = (num_drafting if n else 0, n)
         return n
 
@@ -234,6 +237,7 @@ class TreeMedusaProposer(MedusaProposer):
             accepted_nodes[accepted_nodes > 0] - 1, minlength=self.tree.num_nodes
         )
         self.node_acceptance.update(proposed, accepted)
+        self.counters.accepted_per_node += accepted
 
     def step_started(self) -> None:
         self._step_start = time.perf_counter()
@@ -369,6 +373,36 @@ class TreeMedusaProposer(MedusaProposer):
         b = min(num_tokens, 8)
         hidden = torch.zeros((b, self.hidden_size), dtype=self.dtype, device=self.device)
         self.propose_tree(hidden, None, torch.zeros(b, dtype=torch.long, device=self.device))
+
+
+@dataclass
+class TreeCounters:
+    """What tree Medusa did since engine start, in a few cumulative counts (cheap: a handful
+    of integer additions per step). Read through the worker (``collective_rpc(
+    "vllm_medusa_counters")``) by ``vllm-medusa generate`` and by the tests that must prove a
+    path was taken."""
+
+    tree_steps: int = 0  # steps that verified at least one request's drafts
+    tree_steps_with_prefill: int = 0  # ... while another request of the step prefilled its prompt
+    accepted_per_node: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [N]
+    # [N + 1]: steps in which the drafting requests got the first n nodes (the draft budget's
+    # choice; n = N every step under draft_budget="full")
+    nodes_chosen: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    @classmethod
+    def zeros(cls, num_nodes: int) -> TreeCounters:
+        return cls(
+            accepted_per_node=np.zeros(num_nodes, np.int64),
+            nodes_chosen=np.zeros(num_nodes + 1, np.int64),
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "tree_steps": int(self.tree_steps),
+            "tree_steps_with_prefill": int(self.tree_steps_with_prefill),
+            "accepted_per_node": self.accepted_per_node.tolist(),
+            "nodes_chosen": self.nodes_chosen.tolist(),
+        }
 
 
 class _BudgetStats:

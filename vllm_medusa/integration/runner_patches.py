@@ -18,8 +18,8 @@ Each wrapper defers to vLLM's own method unless the runner's drafter is a
   proposer; the tree proposer decides which requests draft, and the scheduler already cuts
   each request's drafts to what fits (a breadth-first prefix of the tree is a tree).
 - ``Worker.compile_or_warm_up_model`` (and the CPU worker's override): before it, the built
-  model's attention layers and KV-cache groups are checked (:mod:`.startup_checks`);
-  afterwards, the proposer times forward passes for the draft budget's step-cost table.
+  model's attention layers, KV-cache groups and each CPU ISA's K/V packing are checked
+  (:mod:`.startup_checks`); afterwards, the proposer times forward passes for the draft budget's step-cost table.
 - ``Scheduler.__init__`` (:mod:`.scheduler_patches`): no placeholder drafts for new requests.
 - ``EngineArgs.create_speculative_config`` (:mod:`.config_patches`): a missing
   ``num_speculative_tokens`` is derived from the tree.
@@ -35,6 +35,7 @@ import functools
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -43,6 +44,7 @@ from vllm_medusa.core.acceptance import longest_accepted_path
 from vllm_medusa.integration import startup_checks, tree_attention, tree_kernels, tree_sampling
 from vllm_medusa.integration.proposer import TreeMedusaProposer, request_can_speculate
 
+logger = init_logger(f"vllm.{__name__}")
 PLACEHOLDER_TOKEN_ID = -1
 
 
@@ -115,6 +117,17 @@ def build_tree_plan(runner, drafter: TreeMedusaProposer, spec_md, num_scheduled_
     )
 
 
+def _count_step(runner, drafter: TreeMedusaProposer, spec_md) -> None:
+    """Count a step that verifies drafts, and whether a prompt prefill shares it."""
+    if not any(spec_md.num_draft_tokens):
+        return
+    batch = runner.input_batch
+    n = batch.num_reqs
+    prefilling = batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]
+    drafter.counters.tree_steps += 1
+    drafter.counters.tree_steps_with_prefill += int(prefilling.any())
+
+
 def _wrap_prepare_inputs(original):
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -127,6 +140,7 @@ def _wrap_prepare_inputs(original):
         if drafter is not None and spec_md is not None:
             plan = build_tree_plan(self, drafter, spec_md, num_scheduled_tokens)
             tree_attention.set_plan(plan)
+            _count_step(self, drafter, spec_md)
         return result
 
     _prepare_inputs.__vllm_medusa_patch__ = True
@@ -368,7 +382,9 @@ def _wrap_compile_or_warm_up(original):
     @functools.wraps(original)
     def compile_or_warm_up_model(self):
         if _tree_drafter(self.model_runner) is not None:
-            startup_checks.check_model(self.model_runner)
+            isas = startup_checks.check_model(self.model_runner)
+            if isas:
+                logger.info("Medusa tree attention: K/V packing of CPU ISA %s checked", isas)
         result = original(self)
         drafter = _tree_drafter(self.model_runner)
         if drafter is not None:
@@ -379,10 +395,16 @@ def _wrap_compile_or_warm_up(original):
     return compile_or_warm_up_model
 
 
+def _worker_counters(worker) -> dict | None:
+    drafter = _tree_drafter(worker.model_runner)
+    return None if drafter is None else drafter.counters.as_dict()
+
+
 def _patch_workers() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.worker import gpu_worker
 
+    gpu_worker.Worker.vllm_medusa_counters = _worker_counters  # the CPU worker inherits it
     workers = [gpu_worker.Worker]
     if current_platform.is_cpu():
         from vllm.v1.worker import cpu_worker

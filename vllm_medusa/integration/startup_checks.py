@@ -12,6 +12,9 @@ tests pass stand-ins); the proposer and the warm-up patch call them.
 - The draft budget's timings (``auto``) are taken on one worker: not under tensor parallelism.
 - A ``long_prefill_token_threshold`` below one tree (1 + nodes tokens) would cut a request's
   verification step short.
+- The fix-up and the KV compaction read K/V straight from vLLM's CPU pages: each ISA's packing
+  is checked against vLLM's own cache writer once the KV cache exists (:func:`check_kv_layouts`),
+  so an unknown packing fails at start, not at the first tree step.
 """
 
 from __future__ import annotations
@@ -106,8 +109,27 @@ def check_engine(vllm_config, tree, draft_budget: str) -> None:
     refuse(engine_config_problems(vllm_config, tree.num_nodes, is_chain, draft_budget, platform))
 
 
-def check_model(runner) -> None:
-    """Refuse, once the model and its KV cache are built, what the tree attention cannot do."""
-    layers = runner.compilation_config.static_forward_context.values()
+def check_kv_layouts(layers) -> list[str]:
+    """Check every CPU attention layer's K/V packing (one write/read per ISA, on a scratch
+    page) against what tree attention reads; raise :class:`KVCacheLayoutError` naming the ISA
+    if it differs. Returns the ISAs checked (none off CPU: only the CPU backend sets ``isa``)."""
+    from vllm_medusa.integration import tree_attention
+
+    checked = []
+    for layer in layers:
+        isa, kv = getattr(layer, "isa", None), getattr(layer, "kv_cache", None)
+        kv = kv[0] if isinstance(kv, (list, tuple)) and kv else kv
+        if isa is None or kv is None or kv.dim() != 4 or isa in checked:
+            continue
+        tree_attention.check_kv_layout(layer, kv)
+        checked.append(isa)
+    return checked
+
+
+def check_model(runner) -> list[str]:
+    """Refuse, once the model and its KV cache are built, what the tree attention cannot do.
+    Returns the ISAs whose K/V packing was checked."""
+    layers = list(runner.compilation_config.static_forward_context.values())
     impls = [layer.impl for layer in layers if hasattr(layer, "impl")]
     refuse(attention_problems(runner.kv_cache_config.kv_cache_groups, impls))
+    return check_kv_layouts(layers)

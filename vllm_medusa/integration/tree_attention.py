@@ -23,9 +23,15 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_medusa.integration import tree_kernels
+from vllm_medusa.integration.options import MedusaConfigError
 
-# ISAs whose K/V packing inside a page was checked by :func:`check_kv_layout` at first use.
+# ISAs whose K/V packing inside a page was checked by :func:`check_kv_layout` (at engine
+# start, from :func:`vllm_medusa.integration.startup_checks.check_model`).
 _LAYOUT_CHECKED: set[str] = set()
+
+
+class KVCacheLayoutError(MedusaConfigError):
+    """vLLM's CPU cache writer packs K/V in a page differently from what tree attention reads."""
 
 
 @dataclass
@@ -116,7 +122,7 @@ def get_plan() -> TreeAttentionPlan | None:
 
 # ---- K/V access in a CPU page ([num_blocks, kv_heads, block_size, 2 * head_size]) ----------
 # Each (block, head) page holds K then V. K is stored column-major ([head_size, block_size]),
-# V row-major ([block_size, head_size]); checked against the kernel's writer at first use.
+# V row-major ([block_size, head_size]); checked against the kernel's writer at engine start.
 
 
 def _kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +172,7 @@ def check_kv_layout(layer, kv_cache: torch.Tensor) -> None:
     write_kv(layer, scratch, key, value, slots)
     k_back, v_back = read_kv(scratch, slots)
     if not (torch.equal(k_back, key) and torch.equal(v_back, value)):
-        raise RuntimeError(
+        raise KVCacheLayoutError(
             f"vllm-medusa tree attention does not know the CPU KV-cache packing of ISA {isa!r} "
             f"(dtype {kv_cache.dtype}); tree attention is verified for the 'vec'/'vec16' "
             "packing only. Use a chain tree or report the ISA."
