@@ -231,7 +231,7 @@ class Server:
         kwargs, env = setup.engine(config)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = setup.workdir / f"server-{config}.log"
+        self.log_path = setup.workdir / f"server-{config.replace('/', '-')}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             _server_command(setup, kwargs, self.port),
@@ -414,7 +414,7 @@ def run_offline_config(setup, config, prompts_by_level, max_tokens) -> list[Resu
             "one_at_a_time": concurrency == 1,
             "kv_cache_gib": 2,
         }
-        out = _run_engine_job(job, setup.workdir, f"{config}-c{concurrency}", env)
+        out = _run_engine_job(job, setup.workdir, f"{config.replace('/', '-')}-c{concurrency}", env)
         spec = out["spec"] or {}
         drafts = spec.get("num_drafts", 0)
         results.append(
