@@ -10,6 +10,7 @@ a dozen ops per layer; kept as the reference the tests compare against).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def compiled():
         if _module is None:
             from torch.utils import cpp_extension
 
+            # The build runs ninja from PATH; the venv's own (the ninja wheel vLLM installs)
+            # is there only when the venv is activated.
+            bin_dir = os.path.dirname(sys.executable)
+            if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+                os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
             try:
                 _module = cpp_extension.load(
                     name="vllm_medusa_tree_attention_cpu",
