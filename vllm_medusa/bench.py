@@ -629,7 +629,8 @@ def run(args: argparse.Namespace) -> int:
         "heads": setup.heads.name,
         "chain_heads": setup.chain_heads.name,
         "eager": setup.eager,
-        "preload": preload_libraries(),
+        # Library names only: reports carry no paths of the machine that measured them.
+        "preload": [Path(lib).name for lib in preload_libraries()],
         "results": [
             {k: v for k, v in r.__dict__.items() if k != "outputs"}
             | {"tokens_per_s": r.tokens_per_s}
