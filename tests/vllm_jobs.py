@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from vllm_medusa.engine_job import run_in_subprocess
 from vllm_medusa.paths import assets_dir, cache_dir
 
 SHIPPED_HEADS = assets_dir() / "heads" / "smollm2-135m-instruct"  # sequential heads
@@ -18,16 +16,7 @@ SHIPPED_MEDUSA1_HEADS = assets_dir() / "heads" / "smollm2-135m-instruct-medusa1"
 
 def run_engine_job(job: dict, workdir: Path, name: str, env: dict | None = None) -> dict:
     """Run ``engine_job.py`` on ``job`` in a fresh process; return its JSON output."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    job_file, out_file = workdir / f"{name}.job.json", workdir / f"{name}.out.json"
-    job_file.write_text(json.dumps(job))
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_medusa.engine_job", str(job_file), str(out_file)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=1800,
-    )
+    proc, out_file = run_in_subprocess(job, workdir, name, env, timeout=1800)
     if proc.returncode != 0:
         pytest.fail(f"engine job {name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.loads(out_file.read_text())
@@ -35,21 +24,7 @@ def run_engine_job(job: dict, workdir: Path, name: str, env: dict | None = None)
 
 def run_engine_job_expecting_failure(job: dict, workdir: Path, name: str) -> str:
     """Run a job that must fail at engine start; return its stderr."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    job_file = workdir / f"{name}.job.json"
-    job_file.write_text(json.dumps(job))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vllm_medusa.engine_job",
-            str(job_file),
-            str(workdir / f"{name}.out.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc, _ = run_in_subprocess(job, workdir, name, timeout=600)
     assert proc.returncode != 0, f"engine job {name} was expected to fail but succeeded"
     return proc.stderr
 

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from vllm_medusa.ray_serve import free_loopback_port  # no Ray import: the plain-HTTP half
 
 CONFIGS = ("plain", "ngram", "vllm-chain", "tree-full", "tree-auto")
 PRELOAD_SUFFIX = "+preload"
@@ -186,12 +187,6 @@ def _percentile(values: list[float], q: float) -> float | None:
 # ---- server mode ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _server_command(setup: Setup, kwargs: dict, port: int) -> list[str]:
     command = [
         sys.executable,
@@ -229,7 +224,7 @@ class Server:
 
     def __init__(self, setup: Setup, config: str, start_timeout_s: float = 600):
         kwargs, env = setup.engine(config)
-        self.port = _free_port()
+        self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = setup.workdir / f"server-{config.replace('/', '-')}.log"
         self._log = open(self.log_path, "w")
@@ -435,14 +430,9 @@ def run_offline_config(setup, config, prompts_by_level, max_tokens) -> list[Resu
 
 
 def _run_engine_job(job: dict, workdir: Path, name: str, env: dict) -> dict:
-    job_file, out_file = workdir / f"{name}.job.json", workdir / f"{name}.out.json"
-    job_file.write_text(json.dumps(job))
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_medusa.engine_job", str(job_file), str(out_file)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-    )
+    from vllm_medusa.engine_job import run_in_subprocess
+
+    proc, out_file = run_in_subprocess(job, workdir, name, env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(out_file.read_text())

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 # vLLM counters a job reports (tests assert that what they exercise really happened).
 COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
@@ -63,6 +65,24 @@ def _continue(llm, outs, sampling: dict) -> dict:
         result["finish_reasons"].append(out.outputs[0].finish_reason)
         result["prefix_cache_hits"].append(int(_counters(llm)["vllm:prefix_cache_hits"] - hits))
     return result
+
+
+def run_in_subprocess(
+    job: dict, workdir: Path, name: str, env: dict | None = None, timeout: float | None = None
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run this module on ``job`` in a fresh process (``NAME.job.json`` / ``NAME.out.json`` in
+    ``workdir``); return the finished process and the output file's path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, out_file = workdir / f"{name}.job.json", workdir / f"{name}.out.json"
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_medusa.engine_job", str(job_file), str(out_file)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    return proc, out_file
 
 
 def _draft_tokens(completion) -> int | None:
