@@ -131,6 +131,13 @@ def test_plan_fixes_exactly_the_rows_the_causal_kernel_gets_wrong(name):
         assert plan is None
         return
     assert plan.rows.tolist() == expected
+    # request_rows: one run of consecutive rows per request that has rows to fix
+    runs = np.split(np.asarray(expected), plan.request_rows[1:-1].tolist())
+    owners = [
+        {int(np.searchsorted(batch.root_rows, r, side="right")) - 1 for r in run} for run in runs
+    ]
+    assert all(len(o) == 1 for o in owners) and len({o.pop() for o in owners}) == len(runs)
+    assert int(plan.request_rows[0]) == 0 and int(plan.request_rows[-1]) == len(expected)
     for f, row in enumerate(expected):
         i, node, _ = batch.brute_force(row)
         ctx = int(batch.root_pos[i])
@@ -141,29 +148,24 @@ def test_plan_fixes_exactly_the_rows_the_causal_kernel_gets_wrong(name):
         assert plan.blocks[f, :used].tolist() == batch.block_table[i, :used].tolist()
 
 
+# (block_size, head_size): padded tiles (head 8, block 16, fp32 pages copied into a padded
+# buffer) and fp32 pages read in place (both multiples of 16 lanes).
+SHAPES = {"padded": (16, 8), "in_place": (32, 16)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mode", ["compiled", "torch"])
-def test_fixed_rows_match_brute_force_attention_and_others_stay(mode, monkeypatch):
+def test_fixed_rows_match_brute_force_attention_and_others_stay(mode, shape, monkeypatch):
     from vllm_medusa.integration import tree_kernels
-    from vllm_medusa.integration.tree_attention import tree_rows_reference
+    from vllm_medusa.integration.tree_attention import recompute_tree_rows
 
     monkeypatch.setenv(tree_kernels.KERNELS_ENV, mode)
-    batch = Batch(*BATCHES["mixed"])
+    block_size, head_size = SHAPES[shape]
+    batch = Batch(*BATCHES["mixed"], block_size=block_size, head_size=head_size)
     plan = batch.plan()
     sentinel = torch.full((batch.query.shape[0], batch.heads * batch.head_size), 7.0)
     out = sentinel.clone()
-    if tree_kernels.use_compiled():
-        tree_kernels.compiled().tree_attention_rows(
-            batch.query,
-            batch.kv,
-            out,
-            plan.rows,
-            plan.blocks,
-            plan.prefix_len,
-            plan.tree_keys,
-            batch.scale,
-        )
-    else:
-        out[plan.rows] = tree_rows_reference(plan, batch.query, batch.kv, batch.heads, batch.scale)
+    recompute_tree_rows(plan, batch.query, batch.kv, out, batch.heads, batch.scale)
     fixed = set(plan.rows.tolist())
     for row in range(out.shape[0]):
         if row in fixed:
@@ -172,10 +174,12 @@ def test_fixed_rows_match_brute_force_attention_and_others_stay(mode, monkeypatc
             assert torch.equal(out[row], sentinel[row])
 
 
-def test_compiled_rows_accept_a_strided_query_and_bfloat16():
+def test_compiled_rows_accept_a_strided_query_and_bfloat16(monkeypatch):
     """vLLM hands attention a query sliced out of the fused QKV projection (row stride > H*D)."""
     from vllm_medusa.integration import tree_kernels
-    from vllm_medusa.integration.tree_attention import tree_rows_reference
+    from vllm_medusa.integration.tree_attention import recompute_tree_rows, tree_rows_reference
+
+    monkeypatch.setenv(tree_kernels.KERNELS_ENV, "compiled")
 
     batch = Batch(*BATCHES["mixed"])
     plan = batch.plan()
@@ -183,21 +187,11 @@ def test_compiled_rows_accept_a_strided_query_and_bfloat16():
     query = qkv[:, : batch.heads * batch.head_size].view(-1, batch.heads, batch.head_size)
     ref = tree_rows_reference(plan, query, batch.kv, batch.heads, batch.scale)
     out = torch.zeros(query.shape[0], batch.heads * batch.head_size)
-    kernels = tree_kernels.compiled()
-    kernels.tree_attention_rows(
-        query, batch.kv, out, plan.rows, plan.blocks, plan.prefix_len, plan.tree_keys, batch.scale
-    )
+    recompute_tree_rows(plan, query, batch.kv, out, batch.heads, batch.scale)
     torch.testing.assert_close(out[plan.rows], ref, rtol=1e-5, atol=1e-5)
     out16 = out.to(torch.bfloat16)
-    kernels.tree_attention_rows(
-        query.to(torch.bfloat16),
-        batch.kv.to(torch.bfloat16),
-        out16,
-        plan.rows,
-        plan.blocks,
-        plan.prefix_len,
-        plan.tree_keys,
-        batch.scale,
+    recompute_tree_rows(
+        plan, query.to(torch.bfloat16), batch.kv.to(torch.bfloat16), out16, batch.heads, batch.scale
     )
     torch.testing.assert_close(out16[plan.rows].float(), ref, rtol=0.05, atol=0.05)
 

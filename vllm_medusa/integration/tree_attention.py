@@ -43,12 +43,16 @@ class TreeAttentionPlan:
     ``tree_keys`` ``[F, A]`` the key positions of the root, the node's ancestors and the node
     itself (``-1`` padding), ``blocks`` ``[F, P]`` the request's KV-cache blocks in position
     order (a key at position ``p`` lives in block ``blocks[f, p // block_size]``).
+    A request's rows are consecutive: ``request_rows`` ``[R + 1]`` offsets, rows
+    ``[request_rows[i], request_rows[i + 1])`` belong to the i-th request with rows to fix (the
+    compiled kernel reads each of its prefix pages once for all of them).
     """
 
     rows: torch.Tensor
     prefix_len: torch.Tensor
     tree_keys: torch.Tensor
     blocks: torch.Tensor
+    request_rows: torch.Tensor
 
 
 class TreeMaskLayout:
@@ -105,6 +109,7 @@ class TreeMaskLayout:
             prefix_len=tensor(ctx),
             tree_keys=tensor(tree_keys),
             blocks=tensor(block_table[req, :pages]),
+            request_rows=tensor(np.concatenate([[0], np.cumsum(counts[counts > 0])])),
         )
 
 
@@ -194,21 +199,27 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
 
     def _recompute_tree_rows(self, plan, query, kv_cache, output) -> None:
         out = output.view(output.shape[0], self.num_heads * self.head_size)
-        if tree_kernels.use_compiled():
-            tree_kernels.compiled().tree_attention_rows(
-                query.view(-1, self.num_heads, self.head_size),
-                kv_cache,
-                out,
-                plan.rows,
-                plan.blocks,
-                plan.prefix_len,
-                plan.tree_keys,
-                self.scale,
-            )
-            return
-        out[plan.rows] = tree_rows_reference(plan, query, kv_cache, self.num_heads, self.scale).to(
-            out.dtype
+        recompute_tree_rows(plan, query, kv_cache, out, self.num_heads, self.scale)
+
+
+def recompute_tree_rows(plan, query, kv_cache, out, num_heads: int, scale: float) -> None:
+    """Overwrite the plan's rows of ``out`` ``[T, H * D]`` with their tree-masked attention:
+    the compiled kernel, or the PyTorch reference (``VLLM_MEDUSA_TREE_KERNELS=torch``)."""
+    query = query.view(query.shape[0], num_heads, -1)
+    if tree_kernels.use_compiled():
+        tree_kernels.compiled().tree_attention_rows(
+            query,
+            kv_cache,
+            out,
+            plan.rows,
+            plan.blocks,
+            plan.prefix_len,
+            plan.tree_keys,
+            plan.request_rows,
+            scale,
         )
+        return
+    out[plan.rows] = tree_rows_reference(plan, query, kv_cache, num_heads, scale).to(out.dtype)
 
 
 def tree_rows_reference(plan, query, kv_cache, num_heads: int, scale: float) -> torch.Tensor:

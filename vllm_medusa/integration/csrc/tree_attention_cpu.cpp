@@ -11,94 +11,279 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-template <typename T>
-inline float to_f(T x) {
-  return static_cast<float>(x);
+// 16 fp32 lanes (one AVX-512 register, two AVX2 ones): GCC/Clang vector extensions keep the
+// code portable while the products below stay register-blocked.
+constexpr int64_t kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+inline int64_t round_up(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
+
+// exp for x <= 0 (softmax exponents; -inf and very negative inputs give ~1e-38, so callers
+// zero masked entries explicitly). Cephes' expf polynomial: ~1 ulp on the reduced range.
+inline vfloat vexp_nonpositive(vfloat x) {
+  x = x < -87.0f ? vfloat{} - 87.0f : x;
+  const vfloat t = x * 1.44269504088896341f;
+  const vint n = __builtin_convertvector(t - 0.5f, vint);  // ceil(t - 0.5): |t - n| <= 0.5
+  const vfloat fn = __builtin_convertvector(n, vfloat);
+  vfloat r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  vfloat y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vint bits = (n + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
 }
 
-// One fixed row: query heads of one KV head attend to the row's request prefix
-// (positions [0, prefix_len)) and to its tree keys (explicit positions: root, ancestors,
-// itself). Positions index the request's key sequence; blocks map them to pages.
+// S[RB rows, TC * 16 tokens] = Q[RB, D] . K[D, tokens]; K row-major in d (kt_stride floats).
+template <int RB, int TC>
+inline void qk_tile(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                    int64_t head_size, float* s, int64_t s_stride) {
+  vfloat acc[RB][TC] = {};
+  for (int64_t d = 0; d < head_size; ++d) {
+    vfloat kv[TC];
+    for (int c = 0; c < TC; ++c) kv[c] = vload(k + d * k_stride + c * kLanes);
+    for (int i = 0; i < RB; ++i) {
+      const float qd = q[i * q_stride + d];
+      for (int c = 0; c < TC; ++c) acc[i][c] += qd * kv[c];
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < TC; ++c) vstore(s + i * s_stride + c * kLanes, acc[i][c]);
+}
+
+template <int RB>
+inline void qk_rows(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                    int64_t head_size, int64_t chunks, float* s, int64_t s_stride) {
+  for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+    const float* kc = k + c0 * kLanes;
+    float* sc = s + c0 * kLanes;
+    switch (std::min<int64_t>(4, chunks - c0)) {
+      case 4: qk_tile<RB, 4>(q, q_stride, kc, k_stride, head_size, sc, s_stride); break;
+      case 3: qk_tile<RB, 3>(q, q_stride, kc, k_stride, head_size, sc, s_stride); break;
+      case 2: qk_tile<RB, 2>(q, q_stride, kc, k_stride, head_size, sc, s_stride); break;
+      default: qk_tile<RB, 1>(q, q_stride, kc, k_stride, head_size, sc, s_stride);
+    }
+  }
+}
+
+// acc[RB rows, DC * 16] += P[RB, n] . V[n, DC * 16]; V row-major (v_stride floats per token).
+template <int RB, int DC>
+inline void pv_tile(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
+                    int64_t n, float* acc, int64_t acc_stride) {
+  vfloat a[RB][DC];
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < DC; ++c) a[i][c] = vload(acc + i * acc_stride + c * kLanes);
+  for (int64_t t = 0; t < n; ++t) {
+    vfloat vv[DC];
+    for (int c = 0; c < DC; ++c) vv[c] = vload(v + t * v_stride + c * kLanes);
+    for (int i = 0; i < RB; ++i) {
+      const float w = p[i * p_stride + t];
+      for (int c = 0; c < DC; ++c) a[i][c] += w * vv[c];
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < DC; ++c) vstore(acc + i * acc_stride + c * kLanes, a[i][c]);
+}
+
+template <int RB>
+inline void pv_rows(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
+                    int64_t n, int64_t chunks, float* acc, int64_t acc_stride) {
+  for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+    const float* vc = v + c0 * kLanes;
+    float* ac = acc + c0 * kLanes;
+    switch (std::min<int64_t>(4, chunks - c0)) {
+      case 4: pv_tile<RB, 4>(p, p_stride, vc, v_stride, n, ac, acc_stride); break;
+      case 3: pv_tile<RB, 3>(p, p_stride, vc, v_stride, n, ac, acc_stride); break;
+      case 2: pv_tile<RB, 2>(p, p_stride, vc, v_stride, n, ac, acc_stride); break;
+      default: pv_tile<RB, 1>(p, p_stride, vc, v_stride, n, ac, acc_stride);
+    }
+  }
+}
+
+// Online-softmax state of M query rows over blocks of keys (flash-attention style): each block
+// of keys is read once for all rows of a request and KV head.
+struct RowBlockAttention {
+  int64_t rows = 0, head_size = 0, d_pad = 0, cap = 0;
+  std::vector<float> q, acc, max, sum, scores, k_buf, v_buf;
+
+  void reset(int64_t m, int64_t d, int64_t capacity) {
+    rows = m, head_size = d, d_pad = round_up(d), cap = round_up(capacity);
+    q.assign(m * d_pad, 0.f);
+    acc.assign(m * d_pad, 0.f);
+    max.assign(m, -std::numeric_limits<float>::infinity());
+    sum.assign(m, 0.f);
+    scores.assign(m * cap, 0.f);
+    k_buf.assign(head_size * cap, 0.f);  // [D, cap]: key t of the block at column t
+    v_buf.assign(cap * d_pad, 0.f);      // [cap, D_pad]
+  }
+
+  // Attend every row to n keys: K [D, n] (k_stride floats per d; readable up to n rounded up
+  // to 16), V [n, D_pad] (v_stride floats per key). visible[r * cap + t] (optional) says
+  // whether row r may see key t.
+  void attend(const float* k, int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
+              const uint8_t* visible) {
+    const int64_t t_chunks = (n + kLanes - 1) / kLanes, d_chunks = d_pad / kLanes;
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const float* qr = q.data() + r0 * d_pad;
+      float* sr = scores.data() + r0 * cap;
+      switch (std::min<int64_t>(4, rows - r0)) {
+        case 4: qk_rows<4>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap); break;
+        case 3: qk_rows<3>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap); break;
+        case 2: qk_rows<2>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap); break;
+        default: qk_rows<1>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = scores.data() + r * cap;
+      const uint8_t* vis = visible ? visible + r * cap : nullptr;
+      float m = max[r];
+      if (vis) {
+        for (int64_t t = 0; t < n; ++t)
+          if (vis[t]) m = std::max(m, s[t]);
+      } else {
+        for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+      }
+      if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible in this block
+        std::fill(s, s + n, 0.f);
+        continue;
+      }
+      for (int64_t t = 0; t < t_chunks * kLanes; t += kLanes)
+        vstore(s + t, vexp_nonpositive(vload(s + t) - m));
+      if (vis)
+        for (int64_t t = 0; t < n; ++t) s[t] = vis[t] ? s[t] : 0.f;
+      float z = 0.f;
+      for (int64_t t = 0; t < n; ++t) z += s[t];
+      const float alpha = max[r] == -std::numeric_limits<float>::infinity()
+                              ? 0.f
+                              : std::exp(max[r] - m);
+      max[r] = m;
+      sum[r] = sum[r] * alpha + z;
+      float* a = acc.data() + r * d_pad;
+      for (int64_t d = 0; d < d_pad; ++d) a[d] *= alpha;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const float* pr = scores.data() + r0 * cap;
+      float* ar = acc.data() + r0 * d_pad;
+      switch (std::min<int64_t>(4, rows - r0)) {
+        case 4: pv_rows<4>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad); break;
+        case 3: pv_rows<3>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad); break;
+        case 2: pv_rows<2>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad); break;
+        default: pv_rows<1>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad);
+      }
+    }
+  }
+};
+
+// One work item = one request's fixed rows x one KV head: the group's query heads of all those
+// rows (M = rows * group) attend together, so each prefix page is read once per request and
+// head, not once per row. Prefix keys [0, prefix_len) are visible to every row; the tree keys
+// (positions [prefix_len, prefix_len + tree_span)) come last, masked per row by its ancestors.
 template <typename T>
 void tree_rows_kernel(const T* query, const T* cache, T* output, const int64_t* rows,
                       const int64_t* blocks, const int64_t* prefix_len,
-                      const int64_t* tree_keys, int64_t num_rows, int64_t max_pages,
-                      int64_t max_tree, int64_t num_heads, int64_t kv_heads,
-                      int64_t block_size, int64_t head_size, int64_t q_row_stride,
-                      int64_t out_row_stride, float scale) {
+                      const int64_t* tree_keys, const int64_t* request_rows,
+                      int64_t num_requests, int64_t max_pages, int64_t max_tree,
+                      int64_t num_heads, int64_t kv_heads, int64_t block_size,
+                      int64_t head_size, int64_t q_row_stride, int64_t out_row_stride,
+                      float scale) {
   const int64_t group = num_heads / kv_heads;
   const int64_t page = 2 * block_size * head_size;  // elements of one (block, head) page
-  at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * head_size), acc(group * head_size), scores;
+  // fp32 pages whose token and head dims are whole vectors are read in place; others are
+  // converted (and padded) page by page into a float buffer.
+  const bool direct = std::is_same<T, float>::value && block_size % kLanes == 0 &&
+                      head_size % kLanes == 0;
+  at::parallel_for(0, num_requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    RowBlockAttention att;
+    std::vector<uint8_t> visible;
     for (int64_t work = begin; work < end; ++work) {
-      const int64_t f = work / kv_heads, g = work % kv_heads;
-      const int64_t row = rows[f], ctx = prefix_len[f];
-      const int64_t* blk = blocks + f * max_pages;
-      const int64_t* tk = tree_keys + f * max_tree;
-      int64_t n_tree = 0;
-      while (n_tree < max_tree && tk[n_tree] >= 0) ++n_tree;
-      const int64_t n_keys = ctx + n_tree;
-      scores.assign(group * n_keys, 0.f);
-      for (int64_t gi = 0; gi < group; ++gi) {
-        const T* qh = query + row * q_row_stride + (g * group + gi) * head_size;
-        for (int64_t d = 0; d < head_size; ++d) q[gi * head_size + d] = to_f(qh[d]) * scale;
+      const int64_t req = work / kv_heads, g = work % kv_heads;
+      const int64_t f0 = request_rows[req], f1 = request_rows[req + 1];
+      const int64_t ctx = prefix_len[f0];
+      const int64_t* blk = blocks + f0 * max_pages;
+      int64_t tree_span = 0;
+      for (int64_t f = f0; f < f1; ++f)
+        for (int64_t a = 0; a < max_tree; ++a)
+          tree_span = std::max(tree_span, tree_keys[f * max_tree + a] - ctx + 1);
+      const int64_t m = (f1 - f0) * group;
+      att.reset(m, head_size, std::max(block_size, tree_span));
+      const int64_t d_pad = att.d_pad, cap = att.cap;
+      for (int64_t f = f0; f < f1; ++f) {
+        for (int64_t gi = 0; gi < group; ++gi) {
+          const T* qh = query + rows[f] * q_row_stride + (g * group + gi) * head_size;
+          float* qd = att.q.data() + ((f - f0) * group + gi) * d_pad;
+          for (int64_t d = 0; d < head_size; ++d) qd[d] = static_cast<float>(qh[d]) * scale;
+        }
       }
       auto page_of = [&](int64_t pos) {
         return cache + (blk[pos / block_size] * kv_heads + g) * page;
       };
-      // Prefix keys, a page at a time: K is [head_size, block_size], contiguous in tokens.
+      // Prefix keys a page at a time: K is [head_size, block_size], V [block_size, head_size].
       for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
         const int64_t n = std::min(block_size, ctx - p0);
         const T* k = page_of(p0);
-        for (int64_t gi = 0; gi < group; ++gi) {
-          float* s = scores.data() + gi * n_keys + p0;
-          const float* qg = q.data() + gi * head_size;
-          for (int64_t d = 0; d < head_size; ++d) {
-            const float qd = qg[d];
-            const T* kd = k + d * block_size;
-            for (int64_t t = 0; t < n; ++t) s[t] += qd * to_f(kd[t]);
-          }
+        const T* v = k + block_size * head_size;
+        if (direct) {  // fp32 pages are already the layout the tiles read
+          att.attend(reinterpret_cast<const float*>(k), block_size,
+                     reinterpret_cast<const float*>(v), head_size, n, nullptr);
+          continue;
         }
+        for (int64_t d = 0; d < head_size; ++d) {
+          float* kb = att.k_buf.data() + d * cap;
+          for (int64_t t = 0; t < n; ++t) kb[t] = static_cast<float>(k[d * block_size + t]);
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          float* vb = att.v_buf.data() + t * d_pad;
+          for (int64_t d = 0; d < head_size; ++d) vb[d] = static_cast<float>(v[t * head_size + d]);
+        }
+        att.attend(att.k_buf.data(), cap, att.v_buf.data(), d_pad, n, nullptr);
       }
-      // Tree keys (root, ancestors, the node itself).
-      for (int64_t a = 0; a < n_tree; ++a) {
-        const int64_t pos = tk[a], t = pos % block_size;
+      // Tree keys: gathered position by position (they may straddle pages), masked per row.
+      for (int64_t t = 0; t < tree_span; ++t) {
+        const int64_t pos = ctx + t, off = pos % block_size;
         const T* k = page_of(pos);
+        const T* v = k + block_size * head_size + off * head_size;
+        for (int64_t d = 0; d < head_size; ++d)
+          att.k_buf[d * cap + t] = static_cast<float>(k[d * block_size + off]);
+        float* vb = att.v_buf.data() + t * d_pad;
+        for (int64_t d = 0; d < head_size; ++d) vb[d] = static_cast<float>(v[d]);
+      }
+      visible.assign(m * cap, 0);
+      for (int64_t f = f0; f < f1; ++f) {
+        for (int64_t a = 0; a < max_tree; ++a) {
+          const int64_t key = tree_keys[f * max_tree + a];
+          if (key < 0) continue;
+          for (int64_t gi = 0; gi < group; ++gi)
+            visible[((f - f0) * group + gi) * cap + (key - ctx)] = 1;
+        }
+      }
+      att.attend(att.k_buf.data(), cap, att.v_buf.data(), d_pad, tree_span, visible.data());
+      for (int64_t f = f0; f < f1; ++f) {
         for (int64_t gi = 0; gi < group; ++gi) {
-          const float* qg = q.data() + gi * head_size;
-          float s = 0.f;
-          for (int64_t d = 0; d < head_size; ++d) s += qg[d] * to_f(k[d * block_size + t]);
-          scores[gi * n_keys + ctx + a] = s;
+          const int64_t r = (f - f0) * group + gi;
+          const float inv = 1.f / att.sum[r];
+          const float* a = att.acc.data() + r * d_pad;
+          T* o = output + rows[f] * out_row_stride + (g * group + gi) * head_size;
+          for (int64_t d = 0; d < head_size; ++d) o[d] = static_cast<T>(a[d] * inv);
         }
-      }
-      // Softmax and the weighted sum of V ([block_size, head_size] per page).
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t gi = 0; gi < group; ++gi) {
-        float* s = scores.data() + gi * n_keys;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n_keys; ++i) m = std::max(m, s[i]);
-        float z = 0.f;
-        for (int64_t i = 0; i < n_keys; ++i) {
-          s[i] = std::exp(s[i] - m);
-          z += s[i];
-        }
-        const float inv = 1.f / z;
-        float* out = acc.data() + gi * head_size;
-        for (int64_t i = 0; i < n_keys; ++i) {
-          const int64_t pos = i < ctx ? i : tk[i - ctx];
-          const T* v = page_of(pos) + block_size * head_size + (pos % block_size) * head_size;
-          const float w = s[i] * inv;
-          for (int64_t d = 0; d < head_size; ++d) out[d] += w * to_f(v[d]);
-        }
-      }
-      for (int64_t gi = 0; gi < group; ++gi) {
-        T* o = output + row * out_row_stride + (g * group + gi) * head_size;
-        for (int64_t d = 0; d < head_size; ++d) o[d] = static_cast<T>(acc[gi * head_size + d]);
       }
     }
   });
@@ -108,11 +293,14 @@ void tree_rows_kernel(const T* query, const T* cache, T* output, const int64_t* 
 
 // query [T, H, D]; kv_cache [nb, Hkv, bs, 2D]; output [T, H * D] (rows overwritten);
 // rows [F]; blocks [F, P] (each fixed row's request pages in position order); prefix_len [F];
-// tree_keys [F, A] (key positions of root, ancestors and the node; -1 padding).
+// tree_keys [F, A] (key positions of root, ancestors and the node; -1 padding);
+// request_rows [R + 1] (fixed rows of request i: [request_rows[i], request_rows[i + 1]), all
+// sharing one prefix and block table).
 void tree_attention_rows(const torch::Tensor& query, const torch::Tensor& kv_cache,
                          torch::Tensor& output, const torch::Tensor& rows,
                          const torch::Tensor& blocks, const torch::Tensor& prefix_len,
-                         const torch::Tensor& tree_keys, double scale) {
+                         const torch::Tensor& tree_keys, const torch::Tensor& request_rows,
+                         double scale) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4, "kv_cache: contiguous 4-D");
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
               "query: [T, H, D] with contiguous heads");
@@ -120,9 +308,12 @@ void tree_attention_rows(const torch::Tensor& query, const torch::Tensor& kv_cac
   TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
                   output.scalar_type() == kv_cache.scalar_type(),
               "query, output and kv_cache must share a dtype");
-  for (const auto* t : {&rows, &blocks, &prefix_len, &tree_keys}) {
+  for (const auto* t : {&rows, &blocks, &prefix_len, &tree_keys, &request_rows}) {
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(), "plan: int64");
   }
+  TORCH_CHECK(request_rows.dim() == 1 && request_rows.size(0) >= 1 &&
+                  request_rows[-1].item<int64_t>() == rows.size(0),
+              "request_rows: [R + 1] offsets ending at the number of rows");
   const int64_t num_heads = query.size(1), head_size = query.size(2);
   const int64_t kv_heads = kv_cache.size(1), block_size = kv_cache.size(2);
   TORCH_CHECK(kv_cache.size(3) == 2 * head_size && num_heads % kv_heads == 0, "head shapes");
@@ -131,9 +322,10 @@ void tree_attention_rows(const torch::Tensor& query, const torch::Tensor& kv_cac
         tree_rows_kernel<scalar_t>(
             query.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(),
             output.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
-            prefix_len.data_ptr<int64_t>(), tree_keys.data_ptr<int64_t>(), rows.size(0),
-            blocks.size(1), tree_keys.size(1), num_heads, kv_heads, block_size, head_size,
-            query.stride(0), output.stride(0), static_cast<float>(scale));
+            prefix_len.data_ptr<int64_t>(), tree_keys.data_ptr<int64_t>(),
+            request_rows.data_ptr<int64_t>(), request_rows.size(0) - 1, blocks.size(1),
+            tree_keys.size(1), num_heads, kv_heads, block_size, head_size, query.stride(0),
+            output.stride(0), static_cast<float>(scale));
       });
 }
 
