@@ -7,6 +7,21 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
+# tcmalloc, which the serving commands preload (vllm_medusa/preload.py): Debian's package where
+# apt-get can install it (as root); without it they run without preloading.
+if ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        { apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 &&
+                apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; } &&
+            echo "setup: installed libtcmalloc-minimal4" ||
+            echo "setup: could not install libtcmalloc-minimal4; serving runs without tcmalloc"
+    else
+        echo "setup: libtcmalloc-minimal4 missing (apt-get as root installs it); serving runs" \
+            "without tcmalloc"
+    fi
+fi
+
 # Everything that decides what gets installed goes into the stamp.
 stamp_value=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f "$VENV/.setup-stamp" && "$(cat "$VENV/.setup-stamp")" == "$stamp_value" ]]; then

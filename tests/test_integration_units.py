@@ -129,7 +129,28 @@ def _check_plan(requests):
         assert plan.blocks[f, :pages].tolist() == block_ids[i, :pages].tolist()
         fixed.add(row)
     assert needed <= fixed, sorted(needed - fixed)
+    _check_trimmed_kernel_rows(requests, query_start, plan)
     return plan
+
+
+def _check_trimmed_kernel_rows(requests, query_start, plan) -> None:
+    """vLLM's kernel keeps exactly the rows outside the plan, each with the causal limit it
+    had in the whole query (so its output is unchanged by the trimming)."""
+    from vllm_medusa.integration.tree_attention import trimmed_lengths
+
+    seq_lens = np.array([c + s for c, s, _ in requests], dtype=np.int64)
+    kept, start_loc, new_seq_lens = trimmed_lengths(
+        query_start.astype(np.int64), seq_lens, plan.rows_per_request
+    )
+    planned = set(plan.rows.tolist())
+    assert sorted(set(kept.tolist()) | planned) == list(range(int(query_start[-1])))
+    assert not set(kept.tolist()) & planned
+    for i in range(len(requests)):
+        rows = kept[start_loc[i] : start_loc[i + 1]]
+        assert rows.tolist() == list(range(query_start[i], query_start[i] + len(rows)))
+        for j, _row in enumerate(rows):  # last visible key: the same before and after
+            q_len, new_q_len = query_start[i + 1] - query_start[i], len(rows)
+            assert seq_lens[i] - q_len + j == new_seq_lens[i] - new_q_len + j
 
 
 def test_tree_plan_for_mixed_draft_counts():

