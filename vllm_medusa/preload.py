@@ -60,11 +60,6 @@ def reexec_with_preload(argv: list[str]) -> None:
     libs = preload_libraries()
     if len(libs) < 2 or is_preloaded(libs):
         return
-    print(
-        f"vllm-medusa: preloading {', '.join(Path(lib).name for lib in libs)} "
-        f"({PRELOAD_ENV}=0 turns it off)",
-        file=sys.stderr,
-        flush=True,
-    )
+    # Silently: a command's output (one-line errors included) stays what it was.
     env = with_preload(dict(os.environ), libs)
     os.execve(sys.executable, [sys.executable, "-m", "vllm_medusa.cli", *argv], env)
