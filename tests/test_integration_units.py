@@ -148,9 +148,9 @@ def _check_trimmed_kernel_rows(requests, query_start, plan) -> None:
     for i in range(len(requests)):
         rows = kept[start_loc[i] : start_loc[i + 1]]
         assert rows.tolist() == list(range(query_start[i], query_start[i] + len(rows)))
-        for j, _row in enumerate(rows):  # last visible key: the same before and after
-            q_len, new_q_len = query_start[i + 1] - query_start[i], len(rows)
-            assert seq_lens[i] - q_len + j == new_seq_lens[i] - new_q_len + j
+        # Query row j's last visible key, seq_len - q_len + j, is the same before and after.
+        q_len = query_start[i + 1] - query_start[i]
+        assert seq_lens[i] - q_len == new_seq_lens[i] - len(rows)
 
 
 def test_tree_plan_for_mixed_draft_counts():

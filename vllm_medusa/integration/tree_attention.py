@@ -87,11 +87,6 @@ class TreeMaskLayout:
             nodes = np.nonzero(ancestor_mask[j])[0]
             self.visible[j, : len(nodes)] = nodes
 
-    def rows_to_fix(self, num_nodes: int) -> np.ndarray:
-        """Tree nodes (1-based within the request) the tree kernel computes when the first
-        ``num_nodes`` nodes are drafted."""
-        return self.fix_nodes[: np.searchsorted(self.fix_nodes, num_nodes, side="right")]
-
     def plan(
         self,
         root_rows: np.ndarray,

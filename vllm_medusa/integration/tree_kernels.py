@@ -64,12 +64,13 @@ def use_compiled() -> bool:
 def argmax_rows(logits):
     """``logits.argmax(-1)`` (first maximum, as vLLM's greedy sampler picks it), by the compiled
     kernel for fp32 CPU logits (ATen's row argmax is the largest cost of tree acceptance)."""
+    import torch
+
     if (
         use_compiled()
         and logits.device.type == "cpu"
         and logits.dim() == 2
-        and logits.dtype.is_floating_point
-        and logits.element_size() == 4
+        and logits.dtype == torch.float32
         and logits.stride(1) == 1
     ):
         return compiled().argmax_rows(logits)

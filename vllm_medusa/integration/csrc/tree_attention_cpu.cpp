@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -53,7 +54,7 @@ inline vfloat vexp_nonpositive(vfloat x) {
   return y * scale;
 }
 
-// S[RB rows, TC * 16 tokens] = Q[RB, D] . K[D, tokens]; K row-major in d (kt_stride floats).
+// S[RB rows, TC * 16 tokens] = Q[RB, D] . K[D, tokens]; K row-major in d (k_stride floats).
 template <int RB, int TC>
 inline void qk_tile(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
                     int64_t head_size, float* s, int64_t s_stride) {
@@ -68,21 +69,6 @@ inline void qk_tile(const float* q, int64_t q_stride, const float* k, int64_t k_
   }
   for (int i = 0; i < RB; ++i)
     for (int c = 0; c < TC; ++c) vstore(s + i * s_stride + c * kLanes, acc[i][c]);
-}
-
-template <int RB>
-inline void qk_rows(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                    int64_t head_size, int64_t chunks, float* s, int64_t s_stride) {
-  for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
-    const float* kc = k + c0 * kLanes;
-    float* sc = s + c0 * kLanes;
-    switch (std::min<int64_t>(4, chunks - c0)) {
-      case 4: qk_tile<RB, 4>(q, q_stride, kc, k_stride, head_size, sc, s_stride); break;
-      case 3: qk_tile<RB, 3>(q, q_stride, kc, k_stride, head_size, sc, s_stride); break;
-      case 2: qk_tile<RB, 2>(q, q_stride, kc, k_stride, head_size, sc, s_stride); break;
-      default: qk_tile<RB, 1>(q, q_stride, kc, k_stride, head_size, sc, s_stride);
-    }
-  }
 }
 
 // acc[RB rows, DC * 16] += P[RB, n] . V[n, DC * 16]; V row-major (v_stride floats per token).
@@ -104,17 +90,16 @@ inline void pv_tile(const float* p, int64_t p_stride, const float* v, int64_t v_
     for (int c = 0; c < DC; ++c) vstore(acc + i * acc_stride + c * kLanes, a[i][c]);
 }
 
-template <int RB>
-inline void pv_rows(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
-                    int64_t n, int64_t chunks, float* acc, int64_t acc_stride) {
-  for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
-    const float* vc = v + c0 * kLanes;
-    float* ac = acc + c0 * kLanes;
-    switch (std::min<int64_t>(4, chunks - c0)) {
-      case 4: pv_tile<RB, 4>(p, p_stride, vc, v_stride, n, ac, acc_stride); break;
-      case 3: pv_tile<RB, 3>(p, p_stride, vc, v_stride, n, ac, acc_stride); break;
-      case 2: pv_tile<RB, 2>(p, p_stride, vc, v_stride, n, ac, acc_stride); break;
-      default: pv_tile<RB, 1>(p, p_stride, vc, v_stride, n, ac, acc_stride);
+// Tile sizes are compile-time: f(start, std::integral_constant<int, B>) over [0, total) in
+// tiles of B = 4 (the last one 1-3).
+template <typename F>
+inline void for_tiles(int64_t total, F&& f) {
+  for (int64_t start = 0; start < total; start += 4) {
+    switch (std::min<int64_t>(4, total - start)) {
+      case 4: f(start, std::integral_constant<int, 4>{}); break;
+      case 3: f(start, std::integral_constant<int, 3>{}); break;
+      case 2: f(start, std::integral_constant<int, 2>{}); break;
+      default: f(start, std::integral_constant<int, 1>{});
     }
   }
 }
@@ -144,16 +129,13 @@ struct RowBlockAttention {
   void attend(const float* k, int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
               const uint8_t* visible) {
     const int64_t t_chunks = (n + kLanes - 1) / kLanes, d_chunks = d_pad / kLanes;
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-      const float* qr = q.data() + r0 * d_pad;
-      float* sr = scores.data() + r0 * cap;
-      switch (std::min<int64_t>(4, rows - r0)) {
-        case 4: qk_rows<4>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap); break;
-        case 3: qk_rows<3>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap); break;
-        case 2: qk_rows<2>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap); break;
-        default: qk_rows<1>(qr, d_pad, k, k_stride, head_size, t_chunks, sr, cap);
-      }
-    }
+    for_tiles(rows, [&](int64_t r0, auto rb) {
+      for_tiles(t_chunks, [&](int64_t c0, auto tc) {
+        qk_tile<decltype(rb)::value, decltype(tc)::value>(
+            q.data() + r0 * d_pad, d_pad, k + c0 * kLanes, k_stride, head_size,
+            scores.data() + r0 * cap + c0 * kLanes, cap);
+      });
+    });
     for (int64_t r = 0; r < rows; ++r) {
       float* s = scores.data() + r * cap;
       const uint8_t* vis = visible ? visible + r * cap : nullptr;
@@ -197,16 +179,13 @@ struct RowBlockAttention {
       float* a = acc.data() + r * d_pad;
       for (int64_t d = 0; d < d_pad; ++d) a[d] *= alpha;
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-      const float* pr = scores.data() + r0 * cap;
-      float* ar = acc.data() + r0 * d_pad;
-      switch (std::min<int64_t>(4, rows - r0)) {
-        case 4: pv_rows<4>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad); break;
-        case 3: pv_rows<3>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad); break;
-        case 2: pv_rows<2>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad); break;
-        default: pv_rows<1>(pr, cap, v, v_stride, n, d_chunks, ar, d_pad);
-      }
-    }
+    for_tiles(rows, [&](int64_t r0, auto rb) {
+      for_tiles(d_chunks, [&](int64_t c0, auto dc) {
+        pv_tile<decltype(rb)::value, decltype(dc)::value>(
+            scores.data() + r0 * cap, cap, v + c0 * kLanes, v_stride, n,
+            acc.data() + r0 * d_pad + c0 * kLanes, d_pad);
+      });
+    });
   }
 };
 
