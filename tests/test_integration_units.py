@@ -342,3 +342,32 @@ def test_start_up_check_refuses_an_unknown_packing(monkeypatch):
         startup_checks.check_model(runner)
     assert isinstance(info.value, MedusaConfigError)
     assert "made-up-isa" not in tree_attention._LAYOUT_CHECKED
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_prepacked_draft_gemm_matches_f_linear(rows):
+    """vLLM's oneDNN GEMM that drafting runs on a CPU: the products of ``F.linear`` (to fp32
+    rounding), for 2-D and 3-D inputs, non-contiguous ones and with or without bias."""
+    from vllm_medusa.integration.draft_gemm import prepacked_linear_factory
+
+    make = prepacked_linear_factory(torch.device("cpu"))
+    assert make is not None, "this vLLM build has no oneDNN GEMM for drafting"
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(rows, 2, 64, generator=gen).transpose(0, 1)  # [2, rows, 64], strided
+    for b in (bias, None):
+        linear = make(weight, b)
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, weight, b))
+        torch.testing.assert_close(linear(x[0]), torch.nn.functional.linear(x[0], weight, b))
+
+
+def test_draft_gemm_switch(monkeypatch):
+    from vllm_medusa.integration.draft_gemm import DRAFT_GEMM_ENV, prepacked_linear_factory
+
+    monkeypatch.setenv(DRAFT_GEMM_ENV, "torch")
+    assert prepacked_linear_factory(torch.device("cpu")) is None
+    monkeypatch.setenv(DRAFT_GEMM_ENV, "mkl")
+    with pytest.raises(ValueError, match="VLLM_MEDUSA_DRAFT_GEMM must be 'onednn' or 'torch'"):
+        prepacked_linear_factory(torch.device("cpu"))
+    monkeypatch.delenv(DRAFT_GEMM_ENV)
+    assert prepacked_linear_factory(torch.device("meta")) is None  # only CPUs repack

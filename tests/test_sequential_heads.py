@@ -74,6 +74,42 @@ def test_depth_by_depth_fill_matches_brute_force(paths):
         assert torch.equal(prefix, want[:, :n])
 
 
+def test_linear_kernels_serve_every_product_of_the_fill():
+    """Drafting through injected linear kernels (a serving engine's prepacked GEMM) gives the
+    same tree, and every dense product goes through them."""
+    heads, embed = random_heads(seed=5, layers=2)
+    tree = MedusaTree.from_paths(TREES[3])
+    plan = SequentialTreePlan.build(tree)
+    hidden, bonus = torch.randn(6, 12), torch.randint(0, 40, (6,))
+    with torch.no_grad():
+        want = heads.fill_tree(plan, hidden, bonus, lambda ids: embed[ids])
+    calls = {}
+
+    def make_linear(weight, bias):
+        weight = weight.clone()  # the kernel owns its copy, like a prepacked one
+        bias = None if bias is None else bias.clone()
+        key = tuple(weight.shape)
+
+        def linear(x):
+            calls[key] = calls.get(key, 0) + 1
+            return torch.nn.functional.linear(x, weight, bias)
+
+        return linear
+
+    heads.use_linear_kernels(make_linear)
+    with torch.no_grad():
+        got = heads.fill_tree(plan, hidden, bonus, lambda ids: embed[ids])
+    assert torch.equal(got, want)
+    # One call per depth for the input projection, the draft LM head and each block layer.
+    depths = len(plan.levels)
+    assert calls == {(12, 24): depths, (12, 12): 2 * depths, (24, 12): depths}
+    heads.use_linear_kernels(None)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(heads.fill_tree(plan, hidden, bonus, lambda ids: embed[ids]), want)
+    assert calls == {}
+
+
 def test_draft_vocabulary_round_trip_and_only_draft_ids_are_proposed():
     heads, embed = random_heads(seed=3)
     ids = heads.draft_token_ids

@@ -45,6 +45,10 @@ WEIGHTS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.json"
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # token ids [...] -> embeddings [..., H]
+# A dense product with its weight bound in: x [..., in] -> x @ W.T + b [..., out]
+Linear = Callable[[torch.Tensor], torch.Tensor]
+# Builds a Linear from (weight [out, in], bias [out] | None), e.g. a prepacked CPU GEMM
+MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], Linear]
 
 
 @dataclass
@@ -112,6 +116,32 @@ class SequentialHeads(nn.Module):
         if draft_token_ids is None:
             draft_token_ids = torch.arange(v)
         self.register_buffer("draft_token_ids", check_draft_vocab(draft_token_ids, config))
+        self._kernels: _DraftKernels | None = None
+
+    def use_linear_kernels(self, make_linear: MakeLinear | None) -> None:
+        """Serve drafting's dense products through kernels built once from each weight (a
+        serving engine's prepacked GEMM: at a handful of rows the plain ``F.linear`` of a
+        CPU is several times slower); ``None`` goes back to ``F.linear``. Inference only:
+        the kernels keep their own copy of the weights, so call it again after changing
+        them."""
+        if make_linear is None:
+            self._kernels = None
+            return
+        k, n_layers = self.config.num_heads, self.config.num_layers
+        with torch.no_grad():
+            self._kernels = _DraftKernels(
+                in_proj=[
+                    make_linear(self.in_proj_weight[d], self.in_proj_bias[d]) for d in range(k)
+                ],
+                blocks=[
+                    [
+                        make_linear(self.block_weight[d, i], self.block_bias[d, i])
+                        for i in range(n_layers)
+                    ]
+                    for d in range(k)
+                ],
+                lm_head=make_linear(self.draft_lm_head, None),
+            )
 
     @property
     def num_heads(self) -> int:
@@ -131,6 +161,11 @@ class SequentialHeads(nn.Module):
         """Head ``depth``: parent states ``[..., H]`` and token embeddings ``[..., H]`` ->
         the node states ``[..., H]``."""
         x = torch.cat([state, token_emb.to(state.dtype)], dim=-1)
+        if self._kernels is not None:
+            x = self._kernels.in_proj[depth](x)
+            for block in self._kernels.blocks[depth]:
+                x = x + F.silu(block(x))
+            return x
         x = F.linear(x, self.in_proj_weight[depth], self.in_proj_bias[depth])
         for layer in range(self.config.num_layers):
             w, b = self.block_weight[depth, layer], self.block_bias[depth, layer]
@@ -139,6 +174,8 @@ class SequentialHeads(nn.Module):
 
     def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` -> logits over the draft vocabulary ``[..., V']``."""
+        if self._kernels is not None:
+            return self._kernels.lm_head(states)
         return F.linear(states, self.draft_lm_head)
 
     def to_full_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
@@ -184,6 +221,13 @@ class SequentialHeads(nn.Module):
             tokens[:, level.children] = child_ids
             parent_states = states
         return tokens[:, 1 : n + 1]
+
+
+@dataclass(frozen=True)
+class _DraftKernels:
+    in_proj: list[Linear]  # [K]
+    blocks: list[list[Linear]]  # [K][L]
+    lm_head: Linear
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from vllm_medusa.core.draft_budget import (
 from vllm_medusa.core.heads import MedusaHeads
 from vllm_medusa.core.sequential_heads import SequentialHeads, SequentialTreePlan
 from vllm_medusa.core.tree import MedusaTree, TreeError, chain_paths
-from vllm_medusa.integration import startup_checks, tree_kernels, tree_sampling
+from vllm_medusa.integration import draft_gemm, startup_checks, tree_kernels, tree_sampling
 from vllm_medusa.integration.options import MedusaConfigError, MedusaTreeOptions
 from vllm_medusa.integration.tree_attention import TreeMaskLayout
 
@@ -337,6 +337,13 @@ class TreeMedusaProposer(MedusaProposer):
             # under tensor parallelism): ~4x faster here than a plain matmul.
             self.base_compute_logits = target_model.compute_logits
         self.heads = self.heads.to(self.device).eval()
+        if self.sequential:
+            make_linear = draft_gemm.prepacked_linear_factory(self.device)
+            self.heads.use_linear_kernels(make_linear)
+            logger.info(
+                "Medusa drafting GEMMs: %s",
+                "vLLM's prepacked oneDNN" if make_linear else "torch F.linear",
+            )
 
     @torch.inference_mode()
     def propose_tree(
