@@ -51,3 +51,27 @@ def test_configuration_names_carry_acceptance_and_preload():
     for bad in ("ngram/typical", "tree-full/sloppy", "beam"):
         with pytest.raises(SystemExit):
             parse_config(bad)
+
+
+def test_paired_runs_pool_and_compare_with_their_own_plain_turns():
+    from vllm_medusa.bench import abba_order, pool_runs
+
+    assert abba_order(1) == [0, 1]
+    assert abba_order(3) == [0, 1, 1, 0, 0, 1]
+    plain = pool_runs([_result("plain", 4, 100, 2.0, ["a"]), _result("plain", 4, 100, 3.0, ["a"])])
+    assert (plain.output_tokens, plain.seconds, plain.runs, plain.outputs) == (200, 5.0, 2, ["a"])
+    mine = pool_runs(
+        [_result("tree-auto", 4, 100, 1.0, ["a"]), _result("tree-auto", 4, 100, 1.5, ["a"])],
+        {"tau": 1.5, "accepted_per_depth": [0.5]},
+    )
+    mine.reference_tokens_per_s, mine.reference_outputs = plain.tokens_per_s, plain.outputs
+    # An unpaired plain row at the same concurrency (e.g. pooled over other pairings) is
+    # not what a paired result is compared with.
+    other_plain = _result("plain", 4, 100, 0.5, ["b"])
+    compare_to_plain([other_plain, mine])
+    assert mine.speedup == 2.0 and mine.identical_to_plain and mine.tau == 1.5
+    # Passes that disagree are never reported identical.
+    flaky = pool_runs([_result("ngram", 4, 10, 1.0, ["a"]), _result("ngram", 4, 10, 1.0, ["c"])])
+    flaky.reference_tokens_per_s, flaky.reference_outputs = 10.0, ["a"]
+    compare_to_plain([flaky])
+    assert flaky.outputs is None and flaky.identical_to_plain is False

@@ -25,7 +25,12 @@ def test_cost_model_interpolates_and_extrapolates():
 
 def test_cost_model_is_monotone_despite_noise():
     cost = StepCostModel([1, 2, 4], [1.0, 0.9, 2.0])
-    assert cost(2) == pytest.approx(1.0)
+    assert cost(1) == pytest.approx(0.9) and cost(2) == pytest.approx(0.9)
+    # An outlier (noise only adds time) must not make the tokens after it look free: with
+    # the outlier at 2 tokens lifted onto 4 and 8, going from 4 to 8 tokens would cost 0.
+    cost = StepCostModel([1, 2, 4, 8, 16], [42.2, 50.9, 34.6, 45.0, 61.1])
+    assert np.allclose(cost([1, 2, 4, 8, 16]), [34.6, 34.6, 34.6, 45.0, 61.1])
+    assert cost(8) - cost(4) == pytest.approx(10.4)
 
 
 @pytest.mark.parametrize(
@@ -83,16 +88,61 @@ def test_max_nodes_caps_the_choice():
     assert choose_num_nodes(2, 0, np.full(8, 0.5), cost, max_nodes=3) == 3
 
 
-def test_acceptance_starts_at_prior_and_learns():
-    acc = NodeAcceptance(3, prior=1.0, prior_weight=4.0, decay=1.0)
-    assert np.allclose(acc.probabilities, 1.0)
-    for _ in range(96):
-        acc.update(np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.25, 0.0]))
-    assert np.allclose(acc.probabilities, [(4 + 48) / 100, (4 + 24) / 100, 4 / 100])
+CHAIN3 = [-1, 0, 1, 2]  # root -> 1 -> 2 -> 3
+# root -> {1, 2, 3}; 1 -> {4, 5}; 2 -> {6}; 4 -> {7}
+TREE7 = [-1, 0, 0, 0, 1, 1, 2, 4]
+
+
+def test_acceptance_starts_at_prior_and_learns_along_paths():
+    acc = NodeAcceptance(CHAIN3, prior=0.5, prior_weight=4.0, decay=1.0)
+    assert np.allclose(acc.probabilities, [0.5, 0.25, 0.125])  # p = q x p_parent
+    for _ in range(96):  # node 1 tested every step; 2 only when 1 was accepted, ...
+        acc.update(np.array([1.0, 0.5, 0.25]), np.array([0.5, 0.25, 0.0]))
+    q = [(2 + 48) / 100, (2 + 24) / 52, 2 / 28]
+    assert np.allclose(acc.conditional, q)
+    assert np.allclose(acc.probabilities, np.cumprod(q))
+
+
+def test_default_prior_shares_a_parent_among_its_children():
+    acc = NodeAcceptance(TREE7)
+    q = acc.conditional
+    assert np.allclose(q, [1 / 4, 1 / 4, 1 / 4, 1 / 3, 1 / 3, 1 / 2, 1 / 2])
+    p = acc.probabilities
+    assert p[3] == pytest.approx(p[0] / 3) and p[6] == pytest.approx(p[3] / 2)
+
+
+def test_children_never_outscore_their_parent_nor_siblings_their_parent():
+    # Rarely tested nodes with an optimistic prior: each alone could claim q = 0.9.
+    acc = NodeAcceptance(TREE7, prior=0.9, decay=1.0)
+    acc.update(np.array([100.0, 100, 100, 0, 0, 0, 0]), np.array([30.0, 5, 1, 0, 0, 0, 0]))
+    p = acc.probabilities
+    parents = np.array(TREE7[1:])
+    for m in range(1, 8):
+        if parents[m - 1] > 0:
+            assert p[m - 1] <= p[parents[m - 1] - 1] + 1e-12
+    for parent in range(0, 8):
+        kids = np.flatnonzero(parents == parent)
+        bound = 1.0 if parent == 0 else p[parent - 1]
+        assert p[kids].sum() <= bound + 1e-12
+    # The expected accepted length of the whole tree stays below its depth.
+    assert p.sum() <= 3
+
+
+def test_observe_step_counts_tests_only_where_the_parent_was_accepted():
+    acc = NodeAcceptance(TREE7, prior_weight=1e-9, decay=1.0)
+    # Request 0 drafted all 7 and accepted 1 -> 4 -> 7; request 1 drafted 3 nodes, accepted
+    # 2; request 2 drafted nothing (must not count); request 3 drafted 5, accepted nothing.
+    accepted = acc.observe_step(
+        np.array([7, 3, 0, 5]),
+        np.array([[1, 4, 7], [2, -1, -1], [-1, -1, -1], [-1, -1, -1]]),
+    )
+    assert accepted.tolist() == [1, 1, 0, 1, 0, 0, 1]
+    assert acc.tested.tolist() == [3, 3, 3, 1, 1, 0, 1]
+    assert np.allclose(acc.conditional[:3], [1 / 3, 1 / 3, 0.0], atol=1e-6)
 
 
 def test_acceptance_decay_follows_recent_traffic():
-    acc = NodeAcceptance(1, prior=0.0, decay=0.9)
+    acc = NodeAcceptance([-1, 0], prior=0.0, decay=0.9)
     for accepted in itertools.chain([1.0] * 100, [0.0] * 100):
         acc.forget()
         acc.update(np.array([1.0]), np.array([accepted]))
@@ -102,7 +152,7 @@ def test_acceptance_decay_follows_recent_traffic():
 def test_acceptance_forgets_back_to_the_prior_when_nothing_is_drafted():
     # An engine that stopped drafting re-tests its heads later: observations fade, the
     # optimistic prior stays.
-    acc = NodeAcceptance(1, prior=1.0, prior_weight=4.0, decay=0.99)
+    acc = NodeAcceptance([-1, 0], prior=1.0, prior_weight=4.0, decay=0.99)
     for _ in range(500):
         acc.forget()
         acc.update(np.array([1.0]), np.array([0.0]))
@@ -115,11 +165,15 @@ def test_acceptance_forgets_back_to_the_prior_when_nothing_is_drafted():
 
 def test_acceptance_rejects_bad_arguments():
     with pytest.raises(ValueError, match="decay"):
-        NodeAcceptance(2, decay=0.0)
+        NodeAcceptance(CHAIN3, decay=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        NodeAcceptance(2, prior=[0.5, 1.5])
+        NodeAcceptance([-1, 0, 0], prior=[0.5, 1.5])
     with pytest.raises(ValueError, match="prior_weight"):
-        NodeAcceptance(2, prior_weight=0.0)
+        NodeAcceptance(CHAIN3, prior_weight=0.0)
+    with pytest.raises(ValueError, match="breadth-first"):
+        NodeAcceptance([-1, 0, 3, 1])
+    with pytest.raises(ValueError, match="at least one node"):
+        NodeAcceptance([-1])
 
 
 def test_per_prefix_draft_seconds():

@@ -1,10 +1,16 @@
 """``vllm-medusa bench``: plain decoding vs speculative decoding at several concurrencies.
 
-The same prompts go through each configuration, one after another in one run, through vLLM's
-OpenAI-compatible server on 127.0.0.1 with a bounded load generator (``--mode server``,
-default: at most ``c`` requests in flight, streamed) or through offline ``vllm.LLM``
-(``--mode offline``: ``max_num_seqs = c``, all prompts submitted at once, or one at a time
-for ``c = 1``). Every engine runs in its own process.
+The same prompts go through each configuration through vLLM's OpenAI-compatible server on
+127.0.0.1 with a bounded load generator (``--mode server``, default: at most ``c`` requests in
+flight, streamed) or through offline ``vllm.LLM`` (``--mode offline``: ``max_num_seqs = c``,
+all prompts submitted at once, or one at a time for ``c = 1``). Every engine runs in its own
+process.
+
+Server mode measures each configuration *paired* with plain decoding: both servers run side
+by side (one loaded at a time) and, at every concurrency, the two take turns in ABBA order
+(``--repeats`` rounds), so that a machine that speeds up or slows down over minutes moves
+both sides of a ratio alike. A configuration's speedup is its tokens/s over its own plain
+runs'; the ``plain`` row pools all plain runs.
 
 Configurations (``plain`` always runs: it is the reference):
 
@@ -154,6 +160,10 @@ class Result:
     outputs: list = field(default_factory=list, repr=False)
     speedup: float | None = None
     identical_to_plain: bool | None = None
+    # Paired runs (server mode): plain decoding's tokens/s and outputs in the same turns.
+    reference_tokens_per_s: float | None = None
+    reference_outputs: list | None = field(default=None, repr=False)
+    runs: int = 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -317,37 +327,123 @@ async def _load(
         return await asyncio.gather(*(one(k, p) for k, p in enumerate(prompts)))
 
 
-def run_server_config(setup, config, prompts_by_level, max_tokens) -> list[Result]:
-    server = Server(setup, config)
-    results = []
+def _measure_level(server: Server, setup: Setup, config: str, concurrency, prompts, max_tokens):
+    """One pass of all prompts at one concurrency: (Result, spec counters before, after)."""
+    before = server.metrics()
+    with tqdm(total=len(prompts), desc=f"{config} c={concurrency}", leave=False) as bar:
+        start = time.perf_counter()
+        outs = asyncio.run(
+            _load(server.url, prompts, concurrency, max_tokens, bar, setup.temperature)
+        )
+        seconds = time.perf_counter() - start
+    after = server.metrics()
+    tpots = [o["tpot"] for o in outs if o["tpot"] is not None]
+    result = Result(
+        config=config,
+        concurrency=concurrency,
+        requests=len(prompts),
+        output_tokens=sum(o["tokens"] for o in outs),
+        seconds=seconds,
+        tau=1.0,
+        ttft_ms_p50=1e3 * _percentile([o["ttft"] for o in outs], 50),
+        tpot_ms_p50=None if not tpots else 1e3 * _percentile(tpots, 50),
+        tpot_ms_p99=None if not tpots else 1e3 * _percentile(tpots, 99),
+        outputs=[o["text"] for o in outs],
+    )
+    return result, before, after
+
+
+def pool_runs(runs: list[Result], spec: dict | None = None) -> Result:
+    """Repeated passes of one configuration at one concurrency as one result: tokens and
+    seconds summed, latency percentiles the median of the passes', the first pass's outputs
+    (``outputs`` is None when the passes' outputs differ, which greedy decoding must not)."""
+    first = runs[0]
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return None if not values else _percentile(values, 50)
+
+    same = all(r.outputs == first.outputs for r in runs)
+    return Result(
+        config=first.config,
+        concurrency=first.concurrency,
+        requests=sum(r.requests for r in runs),
+        output_tokens=sum(r.output_tokens for r in runs),
+        seconds=sum(r.seconds for r in runs),
+        tau=(spec or {}).get("tau", first.tau),
+        accepted_per_depth=(spec or {}).get("accepted_per_depth", first.accepted_per_depth),
+        ttft_ms_p50=median([r.ttft_ms_p50 for r in runs]),
+        tpot_ms_p50=median([r.tpot_ms_p50 for r in runs]),
+        tpot_ms_p99=median([r.tpot_ms_p99 for r in runs]),
+        outputs=first.outputs if same else None,
+        runs=len(runs),
+    )
+
+
+def abba_order(repeats: int) -> list[int]:
+    """Turns of (0 = plain, 1 = the configuration) for ``repeats`` rounds: 0 1 1 0 0 1 ..."""
+    return [side if r % 2 == 0 else 1 - side for r in range(repeats) for side in (0, 1)]
+
+
+def run_server_pair(setup, config, prompts_by_level, max_tokens, repeats=2):
+    """``config`` and plain decoding on two live servers taking turns (ABBA) at every
+    concurrency: (plain results, config results), the config's paired with plain's."""
+    names = ("plain", config)
+    servers = []
     try:
-        asyncio.run(_load(server.url, prompts_by_level[0][1][:1], 1, 8, _NoBar()))  # warm-up
+        for name in names:
+            servers.append(Server(setup, name))
+        for server in servers:  # warm-up
+            asyncio.run(_load(server.url, prompts_by_level[0][1][:1], 1, 8, _NoBar()))
+        plain_results, config_results = [], []
         for concurrency, prompts in prompts_by_level:
-            before = server.metrics()
-            with tqdm(total=len(prompts), desc=f"{config} c={concurrency}", leave=False) as bar:
-                start = time.perf_counter()
-                outs = asyncio.run(
-                    _load(server.url, prompts, concurrency, max_tokens, bar, setup.temperature)
+            runs: tuple[list, list] = ([], [])
+            first_before, last_after = None, None
+            for side in abba_order(repeats):
+                result, before, after = _measure_level(
+                    servers[side], setup, names[side], concurrency, prompts, max_tokens
                 )
-                seconds = time.perf_counter() - start
-            after = server.metrics()
-            tpots = [o["tpot"] for o in outs if o["tpot"] is not None]
-            results.append(
-                Result(
-                    config=config,
-                    concurrency=concurrency,
-                    requests=len(prompts),
-                    output_tokens=sum(o["tokens"] for o in outs),
-                    seconds=seconds,
-                    **_spec_delta(before, after),
-                    ttft_ms_p50=1e3 * _percentile([o["ttft"] for o in outs], 50),
-                    tpot_ms_p50=None if not tpots else 1e3 * _percentile(tpots, 50),
-                    tpot_ms_p99=None if not tpots else 1e3 * _percentile(tpots, 99),
-                    outputs=[o["text"] for o in outs],
-                )
-            )
+                runs[side].append(result)
+                if side == 1:
+                    first_before = first_before or before
+                    last_after = after
+            plain = pool_runs(runs[0])
+            mine = pool_runs(runs[1], _spec_delta(first_before, last_after))
+            mine.reference_tokens_per_s = plain.tokens_per_s
+            mine.reference_outputs = plain.outputs
+            plain_results.append(plain)
+            config_results.append(mine)
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+    return plain_results, config_results
+
+
+def run_server_configs(setup, configs, prompts_by_level, max_tokens, repeats) -> list[Result]:
+    """Every configuration paired with plain decoding; the plain row pools all plain runs."""
+    others = [c for c in configs if c != "plain"]
+    plain_by_level: dict[int, list[Result]] = {}
+    results: list[Result] = []
+    if not others:
+        server = Server(setup, "plain")
+        try:
+            for concurrency, prompts in prompts_by_level:
+                runs = [
+                    _measure_level(server, setup, "plain", concurrency, prompts, max_tokens)[0]
+                    for _ in range(repeats)
+                ]
+                plain_by_level[concurrency] = runs
+        finally:
+            server.stop()
+    for config in tqdm(others, desc="bench (server, paired with plain)", unit="config"):
+        plains, mine = run_server_pair(setup, config, prompts_by_level, max_tokens, repeats)
+        for p in plains:
+            plain_by_level.setdefault(p.concurrency, []).append(p)
+        results += mine
+    for runs in plain_by_level.values():
+        pooled = pool_runs(runs)
+        pooled.runs = sum(r.runs for r in runs)
+        results.insert(0, pooled)
     return results
 
 
@@ -429,9 +525,18 @@ def compare_to_plain(results: list[Result], sampled: bool = False) -> None:
     """Speedups against plain decoding at the same concurrency; identity only for greedy
     runs (sampled outputs differ from plain decoding's by chance)."""
     for r in results:
+        if r.reference_tokens_per_s is not None:  # paired with its own plain runs
+            r.speedup = r.tokens_per_s / r.reference_tokens_per_s
+            r.identical_to_plain = None if sampled else _same(r.outputs, r.reference_outputs)
+            continue
         plain = next(p for p in results if p.config == "plain" and p.concurrency == r.concurrency)
         r.speedup = r.tokens_per_s / plain.tokens_per_s
-        r.identical_to_plain = None if sampled else r.outputs == plain.outputs
+        r.identical_to_plain = None if sampled else _same(r.outputs, plain.outputs)
+
+
+def _same(outputs: list | None, reference: list | None) -> bool:
+    """Outputs equal to the reference's (None: a configuration's passes disagreed)."""
+    return outputs is not None and reference is not None and outputs == reference
 
 
 def format_table(results: list[Result]) -> str:
@@ -536,7 +641,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compiled", action="store_true", help="torch.compile engines (default: eager)"
     )
-    parser.add_argument("--quick", action="store_true", help="a small run (CI): 4 x 32, c=1,4")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="server mode: ABBA rounds of (plain, config) per concurrency (2 = 2 runs each)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a small run (CI): 4 x 32, c=1,4, 1 round"
+    )
     parser.add_argument("--output", type=Path, default=Path("runs/bench"))
 
 
@@ -559,11 +672,13 @@ def run(args: argparse.Namespace) -> int:
     from vllm_medusa.serve import parse_tree_option
 
     if args.quick:
-        args.num_prompts, args.max_tokens = 4, 32
+        args.num_prompts, args.max_tokens, args.repeats = 4, 32, 1
         args.concurrency = [c for c in args.concurrency if c <= 4] or [1, 4]
     configs = ["plain", *[c for c in args.configs if c != "plain"]]
     for c in configs:
         parse_config(c)  # unknown names fail before any engine starts
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     levels = sorted(set(args.concurrency))
     prompts_by_level = [
         (c, _prompts(args.prompts, max(args.num_prompts, c), args.prompts_file)) for c in levels
@@ -582,10 +697,14 @@ def run(args: argparse.Namespace) -> int:
         workdir=workdir,
         temperature=args.temperature,
     )
-    runner = run_server_config if args.mode == "server" else run_offline_config
     results: list[Result] = []
-    for config in tqdm(configs, desc=f"bench ({args.mode})", unit="config"):
-        results += runner(setup, config, prompts_by_level, args.max_tokens)
+    if args.mode == "server":
+        results = run_server_configs(
+            setup, configs, prompts_by_level, args.max_tokens, args.repeats
+        )
+    else:
+        for config in tqdm(configs, desc=f"bench ({args.mode})", unit="config"):
+            results += run_offline_config(setup, config, prompts_by_level, args.max_tokens)
     compare_to_plain(results, sampled=args.temperature > 0)
 
     title = (

@@ -52,9 +52,12 @@ class StepCostModel:
             raise ValueError(f"token counts must increase strictly, got {tokens.tolist()}")
         if np.any(secs <= 0) or not np.all(np.isfinite(secs)):
             raise ValueError(f"step times must be positive and finite, got {secs.tolist()}")
-        # Measurements are noisy; the true cost never decreases with more tokens.
+        # The true cost never decreases with more tokens, and timing noise only ever adds
+        # time: a point above a later (larger) one is noise, so the table is the lower
+        # envelope from the right. (Raising later points to an earlier outlier instead would
+        # make the tokens between them look free, and drafting there profitable.)
         self.num_tokens = tokens
-        self.seconds = np.maximum.accumulate(secs)
+        self.seconds = np.minimum.accumulate(secs[::-1])[::-1]
 
     def __call__(self, num_tokens) -> np.ndarray:
         t = np.asarray(num_tokens, dtype=np.float64)
@@ -68,51 +71,108 @@ class StepCostModel:
 
 
 class NodeAcceptance:
-    """Running estimate of ``p_m``, the probability that tree node ``m`` is accepted.
+    """Running estimate of ``p_m``, the probability that tree node ``m`` is on the accepted
+    path, learnt the way the tree is accepted: along paths.
+
+    Per node, ``q_m`` = P(``m`` accepted | ``m`` drafted and its parent accepted), from the
+    steps that tested ``m`` (its parent on the accepted path, or the root); then ``p_m = q_m
+    p_parent(m)``. So a child is never more likely than its parent, and siblings, of which
+    acceptance keeps at most one, never add up past their parent (their ``q`` are scaled
+    down when they would). Estimating each ``p_m`` on its own instead lets nodes that are
+    rarely drafted keep an optimistic value: 16 nodes at ~0.25 each promise 4 accepted
+    tokens where the tree gives one, and the budget drafts whole trees where they lose.
 
     Observations fade by ``decay`` every step (:meth:`forget`), drafting or not, so the
     estimate follows the traffic. Each node also holds ``prior_weight`` pseudo-observations
-    at ``prior`` that never fade: optimistic by default, so that a fresh engine drafts and
-    learns, and so that an engine that stopped drafting (its observations fading back to the
-    prior) tries again now and then instead of never re-testing heads that may have become
-    useful for the current traffic.
+    at ``prior`` (default ``1 / (siblings + 1)``: a parent's children share at most all of
+    its acceptance) that never fade, so that a fresh engine drafts where a tree is cheap
+    and learns, and an engine that stopped drafting tries again now and then.
     """
 
     def __init__(
         self,
-        num_nodes: int,
-        prior: float | Sequence[float] = 1.0,
+        parents: Sequence[int],
+        prior: float | Sequence[float] | None = None,
         prior_weight: float = 4.0,
         decay: float = 0.995,
     ):
+        parents_arr = np.asarray(parents, dtype=np.int64)
+        num_nodes = len(parents_arr) - 1
         if num_nodes < 1:
             raise ValueError("a tree has at least one node")
+        if parents_arr[0] != -1 or np.any(
+            (parents_arr[1:] < 0) | (parents_arr[1:] >= np.arange(1, num_nodes + 1))
+        ):
+            raise ValueError(
+                "parents must give the root -1 and every node an earlier node (breadth-first)"
+            )
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         if prior_weight <= 0:
             raise ValueError(f"prior_weight must be positive, got {prior_weight}")
+        self.parents = parents_arr[1:]  # [N]: parent of node m + 1 (0 = root)
+        children = np.bincount(self.parents, minlength=num_nodes + 1)  # [N + 1]
+        if prior is None:
+            prior = 1.0 / (children[self.parents] + 1)
         prior_arr = np.broadcast_to(np.asarray(prior, dtype=np.float64), (num_nodes,)).copy()
         if np.any((prior_arr < 0) | (prior_arr > 1)):
             raise ValueError("prior acceptance probabilities must lie in [0, 1]")
+        depths = np.zeros(num_nodes + 1, dtype=np.int64)
+        for m in range(1, num_nodes + 1):  # once per engine
+            depths[m] = depths[self.parents[m - 1]] + 1
+        # Node ids (1-based) by depth, to chain p from the root down one depth at a time.
+        self._levels = [np.flatnonzero(depths == d) for d in range(1, depths.max() + 1)]
         self.decay = decay
-        self.prior_proposed = prior_weight
+        self.prior_tested = prior_weight
         self.prior_accepted = prior_arr * prior_weight
-        self.proposed = np.zeros(num_nodes, dtype=np.float64)
+        self.tested = np.zeros(num_nodes, dtype=np.float64)
         self.accepted = np.zeros(num_nodes, dtype=np.float64)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parents)
 
     def forget(self) -> None:
         """One step passed: observations fade."""
-        self.proposed *= self.decay
+        self.tested *= self.decay
         self.accepted *= self.decay
 
-    def update(self, proposed: np.ndarray, accepted: np.ndarray) -> None:
-        """Add one verification step: per node, how many requests drafted / accepted it."""
-        self.proposed += proposed
+    def update(self, tested: np.ndarray, accepted: np.ndarray) -> None:
+        """Add counts per node: requests that tested it (drafted it with its parent
+        accepted) and that accepted it."""
+        self.tested += tested
         self.accepted += accepted
+
+    def observe_step(self, num_draft: np.ndarray, accepted_nodes: np.ndarray) -> np.ndarray:
+        """Add one verification step: drafted node counts ``[B]`` (a breadth-first prefix
+        each) and accepted node ids ``[B, D]`` (1-based, -1 padding). Returns the accepted
+        count per node ``[N]``."""
+        b, n = len(num_draft), self.num_nodes
+        on_path = np.zeros((b, n + 1), dtype=bool)  # [B, N + 1], root accepted
+        on_path[:, 0] = True
+        rows, cols = np.nonzero(accepted_nodes > 0)
+        on_path[rows, accepted_nodes[rows, cols]] = True
+        drafted = np.arange(1, n + 1)[None, :] <= np.asarray(num_draft)[:, None]  # [B, N]
+        tested = (drafted & on_path[:, self.parents]).sum(axis=0)
+        accepted = (drafted & on_path[:, 1:]).sum(axis=0)
+        self.update(tested, accepted)
+        return accepted
+
+    @property
+    def conditional(self) -> np.ndarray:
+        """``q_m`` ``[N]``, siblings scaled to add up to at most 1."""
+        q = (self.accepted + self.prior_accepted) / (self.tested + self.prior_tested)
+        siblings = np.bincount(self.parents, weights=q, minlength=self.num_nodes + 1)
+        return q / np.maximum(siblings[self.parents], 1.0)
 
     @property
     def probabilities(self) -> np.ndarray:
-        return (self.accepted + self.prior_accepted) / (self.proposed + self.prior_proposed)
+        """``p_m`` ``[N]``."""
+        q = self.conditional
+        p = np.ones(self.num_nodes + 1)
+        for level in self._levels:
+            p[level] = q[level - 1] * p[self.parents[level - 1]]
+        return p[1:]
 
 
 class VerifyOverhead:
@@ -189,12 +249,16 @@ def choose_num_nodes(
     cost: StepCostModel,
     max_nodes: int | None = None,
     draft_seconds: float | np.ndarray = 0.0,
+    min_gain: float = 0.0,
 ) -> int:
     """The breadth-first tree prefix length (0 = no drafts) with the best expected rate.
 
     ``draft_seconds``: time a step spends on drafting beyond the forward pass, paid only when
     ``n > 0``: one number, or one per prefix length ``n = 0 .. N`` (drafting a deeper prefix
     runs more heads; verifying more nodes costs more attention and bookkeeping).
+    ``min_gain``: drafting must beat plain decoding's expected rate by this fraction, else
+    ``0``: the costs and acceptance rates are estimates, and an error that makes a
+    break-even draft look profitable makes serving slower than plain decoding.
     """
     p = np.asarray(node_probabilities, dtype=np.float64)
     if max_nodes is not None:
@@ -209,5 +273,7 @@ def choose_num_nodes(
     expected_tokens = num_drafting * (1.0 + np.concatenate([[0.0], np.cumsum(p)])) + num_other
     seconds = cost(num_other + num_drafting * (1 + n)) + np.where(n > 0, extra, 0.0)
     rate = expected_tokens / seconds
+    if rate.max() < rate[0] * (1 + min_gain):
+        return 0
     # Ties (and noise-level gains) go to fewer nodes: cheaper and never worse.
     return int(np.argmax(rate >= rate.max() * (1 - 1e-9)))

@@ -34,6 +34,9 @@ class MedusaTreeOptions:
       tree (possibly empty: plain decoding) with the best expected tokens per second, from a
       step-cost table measured at engine start and running per-node acceptance rates
       (:mod:`vllm_medusa.core.draft_budget`); ``full`` always drafts the whole tree.
+    - ``draft_min_gain`` (``auto`` only, default 0.05): draft only when the predicted tokens per
+      second beat plain decoding's by this fraction; a margin against errors in the
+      estimates, so that break-even drafting does not make serving slower.
     """
 
     tree: Any = None
@@ -41,6 +44,7 @@ class MedusaTreeOptions:
     draft_budget: str = "auto"
     typical_eps: float = 0.09
     typical_delta: float = 0.3
+    draft_min_gain: float = 0.05
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> MedusaTreeOptions:
@@ -68,6 +72,9 @@ class MedusaTreeOptions:
             value = getattr(options, name)
             if not is_positive_number(value):
                 raise MedusaConfigError(f"{name} must be a number > 0, got {value!r}")
+        gain = options.draft_min_gain
+        if not (is_positive_number(gain) or (gain == 0 and not isinstance(gain, bool))):
+            raise MedusaConfigError(f"draft_min_gain must be a number >= 0, got {gain!r}")
         if options.draft_budget not in DRAFT_BUDGETS:
             raise MedusaConfigError(
                 f"unknown draft_budget {options.draft_budget!r}; supported: {list(DRAFT_BUDGETS)}"

@@ -10,6 +10,7 @@ model's input embedding.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,11 @@ from vllm_medusa.integration.tree_attention import TreeMaskLayout
 
 # Under vLLM's logger, so that messages reach its handler and format.
 logger = init_logger(f"vllm.{__name__}")
-BUDGET_LOG_EVERY = 1000  # steps between draft-budget summaries in the log
+# Steps between draft-budget summaries in the log.
+BUDGET_LOG_EVERY = int(os.environ.get("VLLM_MEDUSA_BUDGET_LOG_EVERY", "1000"))
+# A step cycle (step start to the next step's start) this many times the worker's own time
+# had the engine idle in between (no requests): its worker time stands for the cycle.
+IDLE_GAP_FACTOR = 4.0
 
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it decode greedily
 
@@ -99,7 +104,7 @@ def _token_grid(limit: int) -> list[int]:
 def _best_time(fn, arg: int, sync) -> float:
     """Fastest of a few timed calls after one warm-up call (noise only adds time)."""
     times = []
-    for _ in range(3 if arg <= 64 else 2):
+    for _ in range(5 if arg <= 64 else 3):
         sync()
         start = time.perf_counter()
         fn(arg)
@@ -153,7 +158,7 @@ class TreeMedusaProposer(MedusaProposer):
             )
         # Cost-aware draft budget (draft_budget="auto"): the cost tables are measured once the
         # engine's KV cache exists (calibrate_step_cost); until then the whole tree is drafted.
-        self.node_acceptance = NodeAcceptance(self.tree.num_nodes)
+        self.node_acceptance = NodeAcceptance(self.tree.parents)
         self.verify_overhead = VerifyOverhead()
         self.step_cost: StepCostModel | None = None
         # Heads + tree fill by drafting requests, for the first head only and for all the
@@ -163,9 +168,9 @@ class TreeMedusaProposer(MedusaProposer):
         self.prefix_depth = np.array(
             [self.buffers.depth_of_prefix(n) for n in range(self.tree.num_nodes + 1)]
         )
-        self._node_ids = np.arange(1, self.tree.num_nodes + 1)
         self._all_prefixes = np.arange(self.tree.num_nodes + 1)
         self._step_start: float | None = None
+        self._pending_step: _DecodeStep | None = None  # learnt from when the next one starts
         self._drafted_this_step = (0, 0)  # (requests, nodes) drafted for the next step
         self._stats = _BudgetStats(self.tree.num_nodes)
         self.counters = TreeCounters.zeros(self.tree.num_nodes)
@@ -205,6 +210,7 @@ class TreeMedusaProposer(MedusaProposer):
                 self.node_acceptance.probabilities,
                 self.step_cost,
                 draft_seconds=extra,
+                min_gain=self.options.draft_min_gain,
             )
             self._stats.choices[n] += 1
             if self._stats.choices.sum() >= BUDGET_LOG_EVERY:
@@ -217,7 +223,8 @@ class TreeMedusaProposer(MedusaProposer):
         stats = self._stats
         logger.info(
             "Medusa draft budget: nodes drafted per step over the last %d steps %s; node "
-            "acceptance %s; measured decode step %s ms with drafts to verify, %s ms without; "
+            "acceptance %s; measured decode step [cycle, worker] %s ms with drafts to verify, "
+            "%s ms without; "
             "verification overhead beyond the cost table %.2f ms/request + %.3f ms/node",
             int(stats.choices.sum()),
             {k: int(c) for k, c in enumerate(stats.choices) if c},
@@ -232,18 +239,20 @@ class TreeMedusaProposer(MedusaProposer):
     def record_acceptance(self, num_draft: np.ndarray, accepted_nodes: np.ndarray) -> None:
         """Feed one verification step back: drafted node counts ``[B]``, accepted node ids
         ``[B, D]`` (1-based tree nodes, -1 where nothing was accepted)."""
-        proposed = (self._node_ids[None, :] <= num_draft[:, None]).sum(axis=0)
-        accepted = np.bincount(
-            accepted_nodes[accepted_nodes > 0] - 1, minlength=self.tree.num_nodes
+        self.counters.accepted_per_node += self.node_acceptance.observe_step(
+            num_draft, accepted_nodes
         )
-        self.node_acceptance.update(proposed, accepted)
-        self.counters.accepted_per_node += accepted
 
     def step_started(self) -> None:
-        self._step_start = time.perf_counter()
+        now = time.perf_counter()
+        pending, self._pending_step = self._pending_step, None
+        if pending is not None:
+            self._learn_step(pending, cycle_seconds=now - pending.start)
+        self._step_start = now
 
     def step_finished(self, num_tokens: int, num_draft_tokens: np.ndarray) -> None:
-        """A step ended (its drafts for the next step are made): learn from its duration.
+        """A step ended (its drafts for the next step are made): keep what it computed, to
+        learn from its duration once the next step starts.
 
         ``num_tokens``: tokens the step computed; ``num_draft_tokens`` ``[R]``: draft tokens
         each of its ``R`` requests verified. Only pure decode steps (each request computes
@@ -253,7 +262,6 @@ class TreeMedusaProposer(MedusaProposer):
         (drafting_reqs, drafted_nodes), self._drafted_this_step = self._drafted_this_step, (0, 0)
         if start is None or self.step_cost is None or self.options.draft_budget != "auto":
             return
-        elapsed = time.perf_counter() - start
         num_requests = len(num_draft_tokens)
         draft_tokens = int(num_draft_tokens.sum())
         if num_tokens != num_requests + draft_tokens or num_requests == 0:
@@ -261,9 +269,30 @@ class TreeMedusaProposer(MedusaProposer):
         predicted = float(self.step_cost(num_tokens))
         if drafted_nodes:
             predicted += float(self.drafting_seconds(drafting_reqs, np.array(drafted_nodes)))
-        verifying = int((num_draft_tokens > 0).sum())
-        self.verify_overhead.observe(num_requests, verifying, draft_tokens, elapsed - predicted)
-        self._stats.add(elapsed, verifying > 0)
+        self._pending_step = _DecodeStep(
+            start=start,
+            worker_seconds=time.perf_counter() - start,
+            num_requests=num_requests,
+            num_verifying=int((num_draft_tokens > 0).sum()),
+            num_draft_tokens=draft_tokens,
+            predicted_seconds=predicted,
+        )
+
+    def _learn_step(self, step: _DecodeStep, cycle_seconds: float) -> None:
+        """Learn from one decode step's whole cycle: from its start in this worker to the
+        next step's start. Beyond the worker's own time, the cycle holds the engine core's
+        scheduling and output processing (and, behind a server, the CPU they share with
+        detokenizing and streaming), which grow with the tokens each step emits: a clock
+        that stopped at the worker's end made drafting look cheaper than it is."""
+        if cycle_seconds > IDLE_GAP_FACTOR * step.worker_seconds:
+            cycle_seconds = step.worker_seconds  # the engine idled between the two steps
+        self.verify_overhead.observe(
+            step.num_requests,
+            step.num_verifying,
+            step.num_draft_tokens,
+            cycle_seconds - step.predicted_seconds,
+        )
+        self._stats.add(cycle_seconds, step.worker_seconds, step.num_verifying > 0)
 
     @torch.inference_mode()
     def calibrate_step_cost(self, runner, max_tokens: int = 256) -> None:
@@ -412,18 +441,33 @@ class TreeCounters:
         }
 
 
+@dataclass(frozen=True)
+class _DecodeStep:
+    """A pure decode step whose duration the draft budget learns from."""
+
+    start: float  # perf_counter at the step's start
+    worker_seconds: float  # the worker's own time (inputs, forward, acceptance, drafting)
+    num_requests: int
+    num_verifying: int
+    num_draft_tokens: int
+    predicted_seconds: float  # cost table + drafting table
+
+
 class _BudgetStats:
     """What the draft budget did between two log lines."""
 
     def __init__(self, num_nodes: int):
         self.choices = np.zeros(num_nodes + 1, dtype=np.int64)
-        self.seconds = np.zeros(2)  # [without drafts to verify, with]
+        self.seconds = np.zeros((2, 2))  # [without drafts to verify, with] x [cycle, worker]
         self.steps = np.zeros(2, dtype=np.int64)
 
-    def add(self, seconds: float, verifying: bool) -> None:
-        self.seconds[int(verifying)] += seconds
+    def add(self, cycle_seconds: float, worker_seconds: float, verifying: bool) -> None:
+        self.seconds[int(verifying)] += (cycle_seconds, worker_seconds)
         self.steps[int(verifying)] += 1
 
-    def mean_ms(self, verifying: bool) -> float | None:
+    def mean_ms(self, verifying: bool) -> list[float] | None:
+        """Mean [cycle, worker] ms of the steps with (or without) drafts to verify."""
         i = int(verifying)
-        return round(self.seconds[i] / self.steps[i] * 1e3, 2) if self.steps[i] else None
+        if not self.steps[i]:
+            return None
+        return np.round(self.seconds[i] / self.steps[i] * 1e3, 2).tolist()
