@@ -40,6 +40,7 @@ def install() -> None:
     check_vllm_version()
     from vllm_medusa.integration import (
         config_patches,
+        engine_patches,
         runner_patches,
         scheduler_patches,
         tree_attention,
@@ -49,6 +50,7 @@ def install() -> None:
     config_patches.patch_engine_args()
     tree_attention.register_tree_attention_backend()
     runner_patches.patch_model_runner()
+    engine_patches.patch_engine(lambda runner: runner_patches._tree_drafter(runner) is not None)
     scheduler_patches.patch_scheduler()
     tree_sampling.patch_input_processor()
     _installed = True
@@ -60,6 +62,9 @@ PATCHED_METHODS = (
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._input_fits_in_drafter",
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens",
+    "vllm.v1.core.sched.scheduler.Scheduler.update_from_output",
+    "vllm.v1.engine.core.EngineCore.post_step",
     "vllm.v1.worker.gpu_worker.Worker.compile_or_warm_up_model",
     "vllm.v1.worker.cpu_worker.CPUWorker.compile_or_warm_up_model",  # CPU platform only
     "vllm.v1.core.sched.scheduler.Scheduler.__init__",

@@ -23,6 +23,9 @@ Each wrapper defers to vLLM's own method unless the runner's drafter is a
 - ``Scheduler.__init__`` (:mod:`.scheduler_patches`): no placeholder drafts for new requests.
 - ``EngineArgs.create_speculative_config`` (:mod:`.config_patches`): a missing
   ``num_speculative_tokens`` is derived from the tree.
+- ``GPUModelRunner.sample_tokens``, ``Scheduler.update_from_output``,
+  ``EngineCore.post_step`` (:mod:`.engine_patches`): the drafts ride on the step's output
+  instead of a second worker RPC per step.
 
 Otherwise the scheduler is left as it is: it takes per-request draft lists of any length,
 rolls ``num_computed_tokens`` back by the number of rejected drafts (correct once the accepted
